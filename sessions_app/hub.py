@@ -184,6 +184,9 @@ class Hub:
         self.tasks.clear()
         self.feeds.clear()
         self.started = False
+        if self.remote and hasattr(self.layer, "flush"):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.layer.flush(), 2)  # pub/sub: closes connections
         with contextlib.suppress(Exception):
             await asyncio.wait_for(database_sync_to_async(_forget_worker)(self.worker_id), 5)
 

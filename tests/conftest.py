@@ -6,6 +6,7 @@ The suite runs on the embedded default (SQLite + in-memory layer) and, when `DAT
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from channels.db import database_sync_to_async
 from django.conf import settings
 from rest_framework.test import APIClient
 
@@ -207,6 +209,17 @@ def server_env(**extra: str) -> dict[str, str]:
     env.setdefault("BATON_WORKER_TIMEOUT_SECONDS", "4")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_sync_thread_connections(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """`database_sync_to_async` runs in its own thread, whose connections the test-database
+    teardown cannot see; close them first so Postgres can drop the database."""
+    yield
+    from django.db import connections
+
+    with django_db_blocker.unblock():
+        asyncio.run(database_sync_to_async(connections.close_all)())
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
-from django.db import close_old_connections
+from django.db import connection
 
 from sessions_app import hub as hub_module
 from sessions_app.hub import WireEvent
@@ -383,7 +383,7 @@ async def test_catch_up_while_events_are_published_loses_nothing(session, agent_
     def writer() -> None:
         for i in range(150):
             _append(session.id, AGENT, ("progress.live", {"i": i}))
-        close_old_connections()
+        connection.close()
         stop.set()
 
     thread = threading.Thread(target=writer)
