@@ -19,6 +19,8 @@ handler404 = not_found
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("sessions_app.urls")),
+    path("api/v1/", include("handover.urls")),
+    path("console/", include("handover.console_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
 ]
