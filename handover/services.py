@@ -110,7 +110,7 @@ def claim(*, session_id: str, operator: Author, user_id: int | None = None) -> A
         handover = _handover_from_log(session_id, fallback_seq=result.seq)
     handover.claimed_by_id = user_id
     handover.claimed_at = now
-    handover.save(update_fields=["claimed_by", "claimed_at"])
+    handover.save()
     _notify_after_commit(session_id, "claimed")
     return result
 

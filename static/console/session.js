@@ -168,10 +168,20 @@ function onEvents(events) {
   }
   history.append(fragment);
   if (stick) history.scrollTop = history.scrollHeight;
-  if (socket && socket.readyState === WebSocket.OPEN && Date.now() - receivedSent > 1000) {
+  acknowledge();
+}
+
+// Report the delivery position (diagnostics): at most once a second, always the latest.
+let ackTimer = null;
+function acknowledge() {
+  if (ackTimer) return;
+  const wait = Math.max(0, 1000 - (Date.now() - receivedSent));
+  ackTimer = setTimeout(() => {
+    ackTimer = null;
+    if (!socket || socket.readyState !== WebSocket.OPEN) return;
     receivedSent = Date.now();
     socket.send(JSON.stringify({ op: "received", seq: lastSeq }));
-  }
+  }, wait);
 }
 
 function renderPresence() {
@@ -215,7 +225,7 @@ function connect(delay = 500) {
       presence.clear();
       for (const m of frame.presence || []) presence.set(m.client_id, m);
       renderPresence();
-      socket.send(JSON.stringify({ op: "received", seq: lastSeq }));
+      acknowledge();
     } else if (frame.op === "ephemeral" && frame.type === "typing") onTyping(frame);
     else if ((frame.op === "ack" || frame.op === "error") && pending.has(frame.ref)) {
       pending.get(frame.ref)(frame);
