@@ -1,5 +1,5 @@
 // Shared helpers of the operator console. Every piece of data reaches the DOM through
-// textContent or attributes set one by one: never innerHTML, so hostile content stays text.
+// textContent or attributes set one by one, never parsed as markup: hostile content stays text.
 
 export function el(tag, props = {}, children = []) {
   const node = document.createElement(tag);
