@@ -90,7 +90,12 @@ function render(event) {
   const type = event.type;
   const data = event.data || {};
   const author = who(event.author);
-  if (type === "message.create") return messageNode(event);
+  if (type === "message.create") {
+    // A message ends its author's typing, whatever the client forgot to send.
+    const key = `${event.author.kind}:${event.author.id}`;
+    if (typingBy.has(key)) { clearTimeout(typingBy.get(key).timer); typingBy.delete(key); renderTyping(); }
+    return messageNode(event);
+  }
   if (type.startsWith("message.")) {
     const message = messages.get(event.message_id);
     if (!message) return null;
