@@ -2,8 +2,8 @@
 
 Fed two ways so it works with one process (in-memory layer) and many (Redis): handover services
 poke the channel-layer group `baton.console` after commit, and each socket re-reads the state
-every `REFRESH_SECONDS` (a request published as a plain event by an SDK, or a poke lost by the
-layer, shows up within that). A frame is sent only when the state changed.
+every `BATON_CONSOLE_REFRESH_SECONDS` (default 2; a request published as a plain event by an
+SDK, or a poke lost by the layer, shows up within that). A frame is sent only when it changed.
 """
 
 import asyncio
@@ -14,6 +14,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 
 from handover import selectors
 from handover.services import CONSOLE_GROUP
@@ -21,7 +22,6 @@ from sessions_app.auth import AuthError, check_origin, principal_from_user
 
 log = logging.getLogger(__name__)
 
-REFRESH_SECONDS = 2.0
 DEBOUNCE_SECONDS = 0.05
 
 
@@ -70,7 +70,7 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
             except Exception:
                 log.exception("console refresh failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.poke.wait(), REFRESH_SECONDS)
+                await asyncio.wait_for(self.poke.wait(), settings.BATON_CONSOLE_REFRESH_SECONDS)
             await asyncio.sleep(DEBOUNCE_SECONDS)  # let a burst of pokes coalesce
 
     async def console_changed(self, message: dict[str, Any]) -> None:

@@ -171,3 +171,5 @@ BATON_HEARTBEAT_SECONDS = float(os.environ.get("BATON_HEARTBEAT_SECONDS", "3"))
 BATON_WORKER_TIMEOUT_SECONDS = float(os.environ.get("BATON_WORKER_TIMEOUT_SECONDS", "10"))
 BATON_HEAD_CHECK_SECONDS = float(os.environ.get("BATON_HEAD_CHECK_SECONDS", "2"))
 BATON_CLIENT_TOKEN_MAX_TTL = env_int("BATON_CLIENT_TOKEN_MAX_TTL", 7 * 24 * 3600)
+# How often each operator console socket re-reads the queue (on top of after-commit pokes).
+BATON_CONSOLE_REFRESH_SECONDS = float(os.environ.get("BATON_CONSOLE_REFRESH_SECONDS", "2"))
