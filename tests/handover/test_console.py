@@ -206,3 +206,20 @@ def test_admin_creates_agent_keys_and_shows_the_raw_key_once(admin_client):
     assert principal_from_agent_key(raw).id == "support-bot"
     again = admin_client.get(f"/admin/sessions_app/agentkey/{key.pk}/change/").content.decode()
     assert raw not in again
+
+
+def test_demo_operator_uses_the_console_and_reads_the_admin(session):
+    """`make run` creates `operator` with `create_operator --staff`: console and read-only admin."""
+    import io
+
+    from django.core.management import call_command
+
+    call_command(
+        "create_operator", "operator", password="operator", staff=True, stdout=io.StringIO()
+    )
+    client = Client()
+    assert client.login(username="operator", password="operator")
+    assert client.get("/console/").status_code == 200
+    assert client.get("/admin/sessions_app/session/").status_code == 200
+    assert client.get(f"/admin/sessions_app/session/{session.id}/change/").status_code == 200
+    assert client.get("/admin/sessions_app/agentkey/add/").status_code == 403

@@ -31,4 +31,12 @@ class Command(BaseCommand):
         user.save()
         perm = Permission.objects.get(codename="operate", content_type__app_label="handover")
         user.user_permissions.add(perm)
+        if options["staff"]:
+            # Staff without permissions sees an empty admin: let operators browse (read) it.
+            user.user_permissions.add(
+                *Permission.objects.filter(
+                    codename__startswith="view_",
+                    content_type__app_label__in=["sessions_app", "handover"],
+                )
+            )
         self.stdout.write(f"{'Created' if created else 'Updated'} operator {username!r}.")
