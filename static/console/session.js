@@ -176,11 +176,13 @@ function onEvents(events) {
   acknowledge();
 }
 
-// Report the delivery position (diagnostics): at most once a second, always the latest.
+// Report the delivery position (diagnostics), always the latest. A little over the server's 1 s
+// flush window, so a trailing ack is stored rather than held until the next frame.
+const ACK_EVERY_MS = 1200;
 let ackTimer = null;
 function acknowledge() {
   if (ackTimer) return;
-  const wait = Math.max(0, 1000 - (Date.now() - receivedSent));
+  const wait = Math.max(0, ACK_EVERY_MS - (Date.now() - receivedSent));
   ackTimer = setTimeout(() => {
     ackTimer = null;
     if (!socket || socket.readyState !== WebSocket.OPEN) return;

@@ -247,22 +247,28 @@ def test_operator_takes_over_a_live_session_in_chromium(server, agent_key, opera
         page.click("#release")
         expect(page.locator("#status")).to_have_text("active")
         agent.wait_event(lambda e: e["type"] == "handover.released")
-        back = agent.publish(
-            "message.create",
-            {"role": "assistant", "content": "Your refund is released.", "status": "complete"},
-        )
-        assert back["op"] == "ack"
-        expect(history.locator(".role-assistant .content").last).to_have_text(
-            "Your refund is released."
-        )
-        user.wait_event(lambda e: e.get("data", {}).get("content") == "Your refund is released.")
+        # The agent streams again, token by token, live into the console.
+        assert agent.publish("message.create", {"role": "assistant"}, "a2")["op"] == "ack"
+        answer = history.locator('[data-message-id="a2"]')
+        expect(answer.locator(".msg-status")).to_have_text("streaming…")
+        for token in ["Your refund ", "is "]:
+            agent.publish("message.append", {"delta": token}, "a2")
+        expect(answer.locator(".content")).to_have_text("Your refund is ")
+        agent.publish("message.append", {"delta": "released."}, "a2")
+        agent.publish("message.complete", {"status": "complete"}, "a2")
+        expect(answer.locator(".content")).to_have_text("Your refund is released.")
+        expect(answer.locator(".msg-status")).to_have_text("")
+        user.wait_event(lambda e: e["type"] == "message.complete" and e["message_id"] == "a2")
         snap(page, shots / "04-released.png")
 
         # Diagnostics: each device with its delivery position against the head.
+        user_seen = max(e["seq"] for e in user.events())
+        user.send({"op": "received", "seq": user_seen})
         page.click("#tab-diagnostics")
         rows = page.locator("#diag-connections tr")
         expect(rows.first).to_be_visible()
-        expect(page.locator("#diag-connections")).to_contain_text("Dana (user)")
+        dana = page.locator("#diag-connections tr", has_text="Dana (user)")
+        expect(dana).to_contain_text(f"#{user_seen}")  # its last acknowledged seq
         expect(page.locator("#diag-timeline")).to_contain_text("opened")
         snap(page, shots / "05-diagnostics.png")
 
