@@ -149,7 +149,15 @@ def test_operator_takes_over_a_live_session_in_chromium(server, agent_key, opera
         page = browser.new_page(viewport={"width": 1280, "height": 860})
         dialogs: list[str] = []
         errors: list[str] = []
-        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+
+        def on_dialog(dialog: Any) -> None:
+            if dialog.type == "confirm" and dialog.message.startswith("Close this session"):
+                dialog.accept()  # the Close button asks first
+            else:
+                dialogs.append(dialog.message)
+                dialog.dismiss()
+
+        page.on("dialog", on_dialog)
         page.on("pageerror", lambda e: errors.append(str(e)))
 
         # Log in (the console sends anonymous visitors to its login page).
@@ -272,6 +280,15 @@ def test_operator_takes_over_a_live_session_in_chromium(server, agent_key, opera
         expect(page.locator("#diag-timeline")).to_contain_text("opened")
         snap(page, shots / "05-diagnostics.png")
 
+        # Close: everyone sees it, and nobody can publish any more.
+        page.click("#tab-history")
+        page.click("#close")
+        expect(page.locator("#status")).to_have_text("closed")
+        expect(page.locator("#send")).to_be_disabled()
+        user.wait_event(lambda e: e["type"] == "session.closed")
+        late = agent.publish("progress.step", {"n": 1})
+        assert (late["op"], late["code"]) == ("error", "session_closed")
+
         assert dialogs == [], dialogs  # the hostile message never ran
         assert errors == [], errors
         browser.close()
@@ -288,6 +305,11 @@ def test_operator_takes_over_a_live_session_in_chromium(server, agent_key, opera
         "handover.claimed",
         "handover.released",
     ]
+    # Closed last (only the server's presence/diagnostics records may follow a close).
+    after_close = [e["type"] for e in exported][
+        [e["type"] for e in exported].index("session.closed") :
+    ]
+    assert all(t.split(".")[0] in ("session", "presence", "connection") for t in after_close)
     user.close()
     agent.close()
     agent_http.close()
