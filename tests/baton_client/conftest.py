@@ -1,0 +1,267 @@
+"""A real Baton server in a subprocess (uvicorn) and a TCP proxy that can cut connections.
+
+The SDK is tested over real sockets against the real ASGI app: the server gets its own SQLite
+database (migrated once per test run, copied per server) so killing and restarting it mid-test
+is safe and nothing leaks between servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from baton_client import BatonClient, BatonREST
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(db_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DATABASE_URL"] = f"sqlite:///{db_path}"
+    env.pop("REDIS_URL", None)
+    env["DJANGO_SETTINGS_MODULE"] = "project.settings"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _manage(db_path: Path, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=REPO,
+        env=_env(db_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+@dataclass
+class Template:
+    db_path: Path
+    agent_key: str
+
+
+@pytest.fixture(scope="session")
+def baton_template(tmp_path_factory: pytest.TempPathFactory) -> Template:
+    """A migrated database holding one agent key; each server works on a copy of it."""
+    db_path = tmp_path_factory.mktemp("baton-db") / "template.sqlite3"
+    _manage(db_path, "migrate", "--noinput")
+    out = _manage(db_path, "create_agent_key", "sdk-tests")
+    key = out.strip().splitlines()[-1].strip()
+    assert key.startswith("bk_"), out
+    return Template(db_path, key)
+
+
+class LiveServer:
+    """`python -m uvicorn project.asgi:application` on a fixed port, restartable in place."""
+
+    def __init__(self, db_path: Path, agent_key: str, log_path: Path) -> None:
+        self.db_path = db_path
+        self.agent_key = agent_key
+        self.port = free_port()
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "project.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--lifespan",
+                "off",
+            ],
+            cwd=REPO,
+            env=_env(self.db_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log_path.read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(f"{self.url}/api/v1/sessions", timeout=1)
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not come up:\n{self.log_path.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no close frames, no cleanup; exactly what a crashed worker looks like."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+def _server(template: Template, directory: Path) -> LiveServer:
+    db_path = directory / "baton.sqlite3"
+    shutil.copy(template.db_path, db_path)
+    return LiveServer(db_path, template.agent_key, directory / "server.log")
+
+
+@pytest.fixture(scope="session")
+def baton_server(
+    baton_template: Template, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """One server shared by the tests that never kill it."""
+    server = _server(baton_template, tmp_path_factory.mktemp("baton-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_server(baton_template: Template, tmp_path: Path) -> Iterator[LiveServer]:
+    """A server of this test's own, free to be killed and restarted."""
+    server = _server(baton_template, tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def rest(baton_server: LiveServer) -> Iterator[BatonREST]:
+    with BatonREST(baton_server.url, baton_server.agent_key) as client:
+        yield client
+
+
+@pytest.fixture
+async def agent(baton_server: LiveServer) -> AsyncIterator[BatonClient]:
+    async with BatonClient(baton_server.url, baton_server.agent_key, client_id="agent") as client:
+        yield client
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to the server and can cut or blackhole every connection.
+
+    `drop()` aborts both sides at once (no close frame), like a network failure: the server
+    sees an abnormal close and the client a lost connection. With `blackhole = True` bytes from
+    the server are swallowed, so a publish reaches the server but its ack never comes back.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.blackhole = False
+        self.connections = 0
+        self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.connections += 1
+        self._pairs.append((writer, up_writer))
+        for src, dst, downstream in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(self._pipe(src, dst, downstream))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, downstream: bool
+    ) -> None:
+        try:
+            while data := await src.read(65536):
+                if downstream and self.blackhole:
+                    continue
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            dst.transport.abort()
+
+    def drop(self) -> None:
+        for client_writer, upstream_writer in self._pairs:
+            client_writer.transport.abort()
+            upstream_writer.transport.abort()
+        self._pairs.clear()
+
+    async def close(self) -> None:
+        self.drop()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+@pytest.fixture
+async def proxy(baton_server: LiveServer) -> AsyncIterator[TcpProxy]:
+    proxy = TcpProxy(baton_server.port)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+async def _eventually(predicate: Callable[[], object], limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {limit}s")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def eventually() -> Callable[..., Awaitable[None]]:
+    """`await eventually(lambda: cond, limit=10)`: poll instead of sleeping a guessed time."""
+    return _eventually
