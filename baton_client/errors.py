@@ -95,9 +95,17 @@ def rejection_for_close(code: int, reason: str = "") -> ConnectionRejected | Non
 
 
 def error_from_wire(
-    payload: dict[str, Any] | None, *, status: int | None = None, default: str = "request failed"
-) -> PublishError:
-    """Map an `{"code","message"}` error (frame or REST body) onto the SDK's exception classes."""
+    payload: dict[str, Any] | None,
+    *,
+    status: int | None = None,
+    default: str = "request failed",
+    fallback: type[BatonError] = PublishError,
+) -> BatonError:
+    """Map an `{"code","message"}` error (frame or REST body) onto the SDK's exception classes.
+
+    `fallback` is the class for codes without a dedicated one: `PublishError` for publishes,
+    `BatonError` for reads.
+    """
     payload = payload or {}
     code = payload.get("code")
     message = payload.get("message") or default
@@ -105,4 +113,4 @@ def error_from_wire(
         return ControlledByHuman(message, code=code, status=status)
     if code == "session_closed":
         return SessionClosed(message, code=code, status=status)
-    return PublishError(message, code=code, status=status)
+    return fallback(message, code=code, status=status)

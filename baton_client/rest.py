@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from baton_client.errors import BatonError, error_from_wire
+from baton_client.errors import BatonError, PublishError, error_from_wire
 from baton_client.util import new_client_ref
 
 API_PREFIX = "/api/v1"
@@ -30,7 +30,10 @@ class _Request:
 
 
 def _raise_for(response: httpx.Response) -> Any:
-    """Return the decoded JSON body, or raise the SDK error the server's error body names."""
+    """Return the decoded JSON body, or raise the SDK error the server's error body names.
+
+    Refused writes (POST) raise `PublishError` subclasses, refused reads plain `BatonError`.
+    """
     if response.is_success:
         return response.json() if response.content else None
     try:
@@ -38,7 +41,8 @@ def _raise_for(response: httpx.Response) -> Any:
     except ValueError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        raise error_from_wire(body["error"], status=response.status_code)
+        fallback = PublishError if response.request.method == "POST" else BatonError
+        raise error_from_wire(body["error"], status=response.status_code, fallback=fallback)
     raise BatonError(
         f"HTTP {response.status_code} from {response.request.method} {response.request.url}",
         status=response.status_code,

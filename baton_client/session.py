@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+import httpx
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -36,6 +37,7 @@ from baton_client.errors import (
     ControlledByHuman,
     Forbidden,
     NotConnected,
+    ProtocolViolation,
     SessionNotFound,
     Unauthenticated,
     error_from_wire,
@@ -172,15 +174,16 @@ class Session:
     async def start(self, *, timeout: float | None = 30.0) -> Session:  # noqa: ASYNC109
         """Read the session's status, open the socket and wait for the first `attached`.
 
-        Transient failures are retried until `timeout`; fatal ones raise at once.
+        Transient failures (server down, restarting) are retried until `timeout`; refusals
+        (bad credential, no such session) raise at once.
         """
         loop = asyncio.get_running_loop()
         self._first_attach = loop.create_future()
-        await self._load_status()
-        self._tasks.append(asyncio.create_task(self._run(), name=f"baton:{self.id}"))
-        self._tasks.append(asyncio.create_task(self._run_callbacks()))
         try:
             async with asyncio.timeout(timeout):
+                await self._load_status()
+                self._tasks.append(asyncio.create_task(self._run(), name=f"baton:{self.id}"))
+                self._tasks.append(asyncio.create_task(self._run_callbacks()))
                 await asyncio.shield(self._first_attach)
         except BaseException:
             await self.close()
@@ -188,19 +191,28 @@ class Session:
         return self
 
     async def _load_status(self) -> None:
-        try:
-            info = await self.client.rest.get_session(self.id)
-        except BatonError as exc:
-            # A REST refusal names the same problem the socket would close with.
-            mapping = {
-                401: (Unauthenticated, 4401),
-                403: (Forbidden, 4403),
-                404: (SessionNotFound, 4404),
-            }
-            if exc.status in mapping:
-                cls, code = mapping[exc.status]
-                raise cls(exc.message, close_code=code) from exc
-            raise
+        """The status as of some seq, so `after=` resumes know whether an operator holds it."""
+        delays = backoff_delays(*self._backoff)
+        while True:
+            try:
+                info = await self.client.rest.get_session(self.id)
+                break
+            except httpx.TransportError as exc:
+                log.info("baton: status read failed (%s), retrying", exc)
+                await asyncio.sleep(next(delays))
+            except BatonError as exc:
+                # A REST refusal names the same problem the socket would close with.
+                mapping = {
+                    401: (Unauthenticated, 4401),
+                    403: (Forbidden, 4403),
+                    404: (SessionNotFound, 4404),
+                }
+                if exc.status in mapping:
+                    cls, code = mapping[exc.status]
+                    raise cls(exc.message, close_code=code) from exc
+                if exc.status is not None and exc.status < 500:
+                    raise
+                await asyncio.sleep(next(delays))
         self.status = info.get("status")
         self.controller = info.get("controller")
         self._status_seq = int(info.get("last_seq") or 0)
@@ -270,7 +282,7 @@ class Session:
                 log.info("baton: connect failed (%s), retrying", exc)
             else:
                 code, reason = await self._serve(ws)
-                if self._closing:
+                if self._closing or self.error is not None:
                     return
                 fatal = rejection_for_close(code, reason)
                 if fatal is None:
@@ -304,6 +316,8 @@ class Session:
                 if isinstance(raw, bytes):
                     continue
                 self._handle_frame(json.loads(raw))
+                if self.error is not None:
+                    break  # refused for good (see _finish); the finally closes the socket
         except ConnectionClosed:
             pass
         except (OSError, json.JSONDecodeError) as exc:
@@ -366,6 +380,17 @@ class Session:
             if pending is not None:
                 if not pending.future.done():
                     pending.future.set_exception(error_from_wire(frame))
+            elif frame.get("code") == "bad_after":
+                # Our position is beyond the server's head (a reset database): resuming cannot
+                # work, and silently starting over would hand the caller old seqs again.
+                self._finish(
+                    ProtocolViolation(
+                        f"server refused after={self.last_seq}: {frame.get('message')}",
+                        close_code=4400,
+                        reason="bad_after",
+                    ),
+                    end_iterators=True,
+                )
             else:
                 log.warning("baton: server error %s: %s", frame.get("code"), frame.get("message"))
         elif op == "ephemeral":

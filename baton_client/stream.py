@@ -36,6 +36,10 @@ from baton_client.util import new_message_id
 if TYPE_CHECKING:
     from baton_client.session import Ack, Session
 
+# One `message.append` carries at most this many characters, so a burst of text stays under
+# the server's per-event limit (64 KiB by default) even if every character JSON-escapes to 6.
+MAX_DELTA_CHARS = 8000
+
 # Errors after which publishing to this message again is pointless.
 _TERMINAL = (ControlledByHuman, SessionClosed, ConnectionRejected, NotConnected)
 
@@ -209,10 +213,12 @@ class MessageStream:
         delta = "".join(self._buffer)
         self._buffer.clear()
         try:
-            await self.session.publish(
-                "message.append", {"delta": delta}, message_id=self.message_id
-            )
-            self.appends_published += 1
+            for start in range(0, len(delta), MAX_DELTA_CHARS):
+                chunk = delta[start : start + MAX_DELTA_CHARS]
+                await self.session.publish(
+                    "message.append", {"delta": chunk}, message_id=self.message_id
+                )
+                self.appends_published += 1
         except Exception as exc:
             self._error = exc
 

@@ -6,7 +6,13 @@ import asyncio
 
 import pytest
 
-from baton_client import BatonClient, Forbidden, SessionNotFound, Unauthenticated
+from baton_client import (
+    BatonClient,
+    Forbidden,
+    ProtocolViolation,
+    SessionNotFound,
+    Unauthenticated,
+)
 
 
 async def test_wait_for_user_returns_when_a_user_attaches(baton_server, agent: BatonClient):
@@ -85,3 +91,11 @@ async def test_fatal_close_code_from_the_socket(baton_server, agent: BatonClient
             await session.start(timeout=10)
         assert caught.value.close_code == 4401
         assert session.reconnects == 0
+
+
+async def test_resume_position_beyond_head_is_fatal(agent: BatonClient):
+    """`after` past the head (e.g. a reset database) cannot be resumed: fail loudly."""
+    info = await agent.create_session(title="bad-after")
+    with pytest.raises(ProtocolViolation) as caught:
+        await agent.connect(info["id"], after=10_000, timeout=10)
+    assert caught.value.reason == "bad_after"

@@ -152,3 +152,18 @@ async def test_cancel_of_another_message_is_ignored(agent: BatonClient, rest: Ba
     assert not msg.cancelled
     assert message(rest, info["id"], msg.message_id)["content"] == "keep going"
     await session.close()
+
+
+async def test_burst_larger_than_one_event_is_split(agent: BatonClient, rest: BatonREST):
+    """100k characters buffered in one window still fit the per-event size limit."""
+    info = await agent.create_session(title="burst")
+    session = await agent.connect(info["id"])
+    text = "".join(f"{i:05d}\n" for i in range(100_000 // 6))
+    async with session.stream_message(window=0.05) as msg:
+        for start in range(0, len(text), 1000):
+            await msg.append(text[start : start + 1000])
+    assert msg.appends_published > 1
+    stored = message(rest, info["id"], msg.message_id)
+    assert stored["content"] == text
+    assert stored["status"] == "complete"
+    await session.close()
