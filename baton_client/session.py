@@ -466,7 +466,7 @@ class Session:
             target = data.get("message_id")
             for stream in list(self._streams.values()):
                 if target is None or target == stream.message_id:
-                    stream._on_cancel(data.get("reason"), event)
+                    stream._on_cancel(event)
         self._notify_changed()
 
     def _notify_changed(self) -> None:

@@ -69,6 +69,9 @@ class MessageStream:
         self.cancel_reason: str | None = None
         self.cancel_event: dict[str, Any] | None = None
         self.appends_published = 0
+        #: Seq of our `message.create`, known once it is acknowledged.
+        self.created_seq: int | None = None
+        self._early_cancels: list[dict[str, Any]] = []
         self._cancelled = asyncio.Event()
         self._buffer: list[str] = []
         self._wake = asyncio.Event()
@@ -84,10 +87,19 @@ class MessageStream:
             data["content"] = self.content
         if self.parts is not None:
             data["parts"] = self.parts
-        ack = await self.session.publish("message.create", data, message_id=self.message_id)
-        self.message_id = ack.message_id or self.message_id
-        self.status = "streaming"
+        # Registered before the create is sent: a cancel that arrives before our ack is kept
+        # and judged once we know the create's seq (see _on_cancel).
         self.session._streams[self.message_id] = self
+        try:
+            ack = await self.session.publish("message.create", data, message_id=self.message_id)
+        except BaseException:
+            self.session._streams.pop(self.message_id, None)
+            raise
+        self.created_seq = ack.seq
+        self.status = "streaming"
+        early, self._early_cancels = self._early_cancels, []
+        for event in early:
+            self._on_cancel(event)
         self._flusher = asyncio.create_task(self._flush_loop())
         return self
 
@@ -188,11 +200,22 @@ class MessageStream:
 
     # ------------------------------------------------------------------ internals
 
-    def _on_cancel(self, reason: str | None, event: dict[str, Any]) -> None:
-        if self.cancelled or self.status != "streaming":
+    def _on_cancel(self, event: dict[str, Any]) -> None:
+        """Apply a cancel aimed at this message or at none.
+
+        A cancel naming no message only stops a message created before it: one published by
+        the user before this message existed was meant for something else.
+        """
+        data = event.get("data") or {}
+        if self.cancelled or self.status not in ("pending", "streaming"):
+            return
+        if self.created_seq is None:
+            self._early_cancels.append(event)
+            return
+        if data.get("message_id") is None and event["seq"] < self.created_seq:
             return
         self.cancelled = True
-        self.cancel_reason = reason
+        self.cancel_reason = data.get("reason")
         self.cancel_event = event
         self._cancelled.set()
 

@@ -167,3 +167,17 @@ async def test_burst_larger_than_one_event_is_split(agent: BatonClient, rest: Ba
     assert stored["content"] == text
     assert stored["status"] == "complete"
     await session.close()
+
+
+async def test_untargeted_cancel_from_before_the_message_is_ignored(
+    agent: BatonClient, rest: BatonREST
+):
+    """A cancel naming no message stops what is streaming, not a message started after it."""
+    info = await agent.create_session(title="cancel-before")
+    session = await agent.connect(info["id"])
+    await session.publish("signal.cancel", {"reason": "old"})
+    async with session.stream_message() as msg:
+        await msg.append("fresh")
+    assert not msg.cancelled
+    assert message(rest, info["id"], msg.message_id)["status"] == "complete"
+    await session.close()
