@@ -99,3 +99,47 @@ async def test_resume_position_beyond_head_is_fatal(agent: BatonClient):
     with pytest.raises(ProtocolViolation) as caught:
         await agent.connect(info["id"], after=10_000, timeout=10)
     assert caught.value.reason == "bad_after"
+
+
+async def test_type_filter_still_tracks_presence(
+    baton_server, agent: BatonClient, rest, eventually
+):
+    """`types` limits what events() yields; presence and status are still followed."""
+    info = await agent.create_session(title="filtered")
+    session = await agent.connect(info["id"], types=["progress.*"])
+    seen: list[str] = []
+
+    async def read() -> None:
+        async for event in session.events():
+            seen.append(event["type"])
+
+    reading = asyncio.create_task(read())
+    token = await agent.mint_token(info["id"], "carol", kind="user")
+    async with BatonClient(baton_server.url, token["token"]) as carol_client:
+        carol = await carol_client.connect(info["id"])
+        await session.wait_for_user(timeout=10)
+        await carol.publish("signal.custom", {})
+        rest.publish(info["id"], {"type": "progress.step", "data": {}})
+        await eventually(lambda: "progress.step" in seen)
+        await carol.close()
+    assert set(seen) == {"progress.step"}
+    reading.cancel()
+    await session.close()
+
+
+async def test_connect_waits_for_a_server_that_is_starting(own_server):
+    """A server that is down at connect time is retried until it answers (within timeout)."""
+    async with BatonClient(own_server.url, own_server.agent_key) as client:
+        info = await client.create_session(title="early")
+        own_server.stop()
+
+        async def start_later() -> None:
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(own_server.start)
+
+        starting = asyncio.create_task(start_later())
+        session = await client.connect(info["id"], timeout=30, backoff_base=0.1, backoff_max=0.5)
+        await starting
+        assert session.connected
+        assert session.status == "active"
+        await session.close()
