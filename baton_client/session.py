@@ -182,7 +182,8 @@ class Session:
         try:
             async with asyncio.timeout(timeout):
                 await self._load_status()
-                self._tasks.append(asyncio.create_task(self._run(), name=f"baton:{self.id}"))
+                runner = asyncio.create_task(self._guarded_run(), name=f"baton:{self.id}")
+                self._tasks.append(runner)
                 self._tasks.append(asyncio.create_task(self._run_callbacks()))
                 await asyncio.shield(self._first_attach)
         except BaseException:
@@ -257,6 +258,16 @@ class Session:
             query["client_id"] = self.client_id
         return f"{ws_scheme}://{rest}/ws/sessions/{self.id}/?{urlencode(query)}"
 
+    async def _guarded_run(self) -> None:
+        """Never let the connection task die silently: callers would wait forever."""
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("baton: connection task crashed")
+            self._finish(BatonError(f"connection task crashed: {exc!r}"), end_iterators=True)
+
     async def _run(self) -> None:
         delays = backoff_delays(*self._backoff)
         while not self._closing:
@@ -300,6 +311,7 @@ class Session:
         """Attach, re-send what is still unacknowledged, then read until the socket ends."""
         self._generation += 1
         self._attached_this_conn = False
+        self._reported_seq = 0  # tell each new connection where we are
         reporter: asyncio.Task[None] | None = None
         try:
             async with self._send_lock:
