@@ -13,8 +13,9 @@ Rules (the documented contract of `MessageStream`):
   buffered is still flushed; every later `append()` raises `MessageCancelled`, which the `async
   with` swallows, and the message completes with status `cancelled`.
 * Leaving the block normally completes with `complete`; an exception completes with `failed`
-  (reason = the exception) and propagates. If the server refuses us (operator took over,
-  session closed, credential rejected) nothing more is sent and the error propagates.
+  (reason = the exception; `cancelled` if a cancel had arrived) and propagates. If the server
+  refuses us (operator took over, session closed, credential rejected) nothing more is sent
+  and the error propagates.
 """
 
 from __future__ import annotations
@@ -110,24 +111,28 @@ class MessageStream:
         tb: TracebackType | None,
     ) -> bool:
         try:
-            if exc is None and self._error is None:
-                await self.complete("cancelled" if self.cancelled else "complete")
-            elif isinstance(exc, MessageCancelled) or (exc is None and self.cancelled):
-                await self.complete("cancelled")
-                return True
-            elif isinstance(exc, _TERMINAL) or isinstance(self._error, _TERMINAL):
+            if isinstance(exc, _TERMINAL) or isinstance(self._error, _TERMINAL):
+                # The server will not take more from us: send nothing, surface why.
                 await self._stop_flusher()
                 if exc is None and self._error is not None:
                     raise self._error
+            elif exc is None and self._error is None:
+                await self.complete("cancelled" if self.cancelled else "complete")
+            elif isinstance(exc, MessageCancelled):
+                await self.complete("cancelled")
+                return True
             elif isinstance(exc, asyncio.CancelledError):
                 # Our task is being torn down: record why, but never block the teardown long.
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     async with asyncio.timeout(5):
                         await self.complete("cancelled", reason="agent task cancelled")
             else:
-                reason = f"{type(exc or self._error).__name__}: {exc or self._error}"[:500]
+                # An error after a cancel is usually the generator we aborted: the user's
+                # cancel is the truthful status. Otherwise the message failed.
+                error = exc or self._error
+                reason = None if self.cancelled else f"{type(error).__name__}: {error}"[:500]
                 with contextlib.suppress(*_TERMINAL):
-                    await self.complete("failed", reason=reason)
+                    await self.complete("cancelled" if self.cancelled else "failed", reason)
                 if exc is None and self._error is not None:
                     raise self._error
         finally:

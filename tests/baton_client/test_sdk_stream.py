@@ -181,3 +181,29 @@ async def test_untargeted_cancel_from_before_the_message_is_ignored(
     assert not msg.cancelled
     assert message(rest, info["id"], msg.message_id)["status"] == "complete"
     await session.close()
+
+
+async def test_cancelling_the_agent_task_closes_the_message(agent: BatonClient, rest: BatonREST):
+    """Tearing down the agent's task must not leave a message `streaming` forever."""
+    info = await agent.create_session(title="task-cancel")
+    session = await agent.connect(info["id"])
+    started = asyncio.Event()
+    holder: dict[str, str] = {}
+
+    async def generate() -> None:
+        async with session.stream_message() as msg:
+            holder["id"] = msg.message_id
+            await msg.append("thinking")
+            started.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(generate())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stored = message(rest, info["id"], holder["id"])
+    assert stored["status"] == "cancelled"
+    assert stored["reason"] == "agent task cancelled"
+    assert stored["content"] == "thinking"
+    await session.close()
