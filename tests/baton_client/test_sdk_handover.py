@@ -95,3 +95,19 @@ async def test_status_events_before_the_loaded_status_are_ignored():
     session._handle_event(event(11, "handover.requested", reason="x"))
     assert session.status == "awaiting_human"
     await client.aclose()
+
+
+async def test_claim_mid_stream_stops_the_stream(baton_server, agent: BatonClient):
+    """The server refuses the next append; the block raises ControlledByHuman, sends no more."""
+    info = await agent.create_session(title="claimed-mid-stream")
+    session = await agent.connect(info["id"])
+    with pytest.raises(ControlledByHuman):
+        async with session.stream_message(window=0.01) as msg:
+            await msg.append("first ")
+            await msg.flush()
+            set_status(baton_server.db_path, info["id"], "with_human")
+            for _ in range(200):
+                await msg.append("more ")
+                await asyncio.sleep(0.01)
+    assert msg.status == "streaming"  # no complete was attempted: it would be refused too
+    await session.close()
