@@ -128,6 +128,7 @@ export class BatonConnection {
     this._pongTimer = null;
     this._saveTimer = null;
     this._closedByUser = false;
+    this._resetting = false;
     this._typingSentAt = 0;
     this._typingState = false;
     this._typingStop = null;
@@ -314,7 +315,11 @@ export class BatonConnection {
       this._ws = null;
       this._stopPing();
       if (this._closedByUser) return;
-      if (FATAL_CLOSE_CODES.has(ev.code)) {
+      if (this._resetting) {
+        // We just dropped a position the server refused (bad_after): start over from 0.
+        this._resetting = false;
+        this._scheduleReconnect(ev.code, "reset");
+      } else if (FATAL_CLOSE_CODES.has(ev.code)) {
         this._fail(ev.code, ev.reason);
       } else {
         this._scheduleReconnect(ev.code, ev.reason);
@@ -429,9 +434,14 @@ export class BatonConnection {
     }
     if (frame.code === "bad_after") {
       // The stored position is beyond the server's head (the session was reset): start over.
+      // The server closes with 4400 next; that close must not count as fatal.
       this.lastSeq = 0;
+      this.head = 0;
+      this.status = null;
       this.messages.clear();
       this.clearStorage();
+      this._resetting = true;
+      this._emit("reset", { reason: frame.message });
       if (this._ws) this._ws.close(4000, "reset");
     }
     this._emit("error", err);
