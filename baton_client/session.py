@@ -160,6 +160,7 @@ class Session:
         self._status_handlers: list[Handler] = []
         self._connection_handlers: list[Handler] = []
         self._ephemeral_handlers: list[Handler] = []
+        self._presence_queues: list[asyncio.Queue[Any]] = []
         self._callbacks: asyncio.Queue[tuple[Handler, tuple[Any, ...]]] = asyncio.Queue()
         self._changed = asyncio.Event()
         self._streams: dict[str, MessageStream] = {}
@@ -370,6 +371,8 @@ class Session:
         if end_iterators:
             for sub in self._subs:
                 sub.queue.put_nowait(_END)
+            for queue in self._presence_queues:
+                queue.put_nowait(_END)
         self._attached = False
         self._notify_changed()
         self._emit_connection("failed" if self.error is not None else "closed")
@@ -488,6 +491,8 @@ class Session:
     def _emit_presence(self, change: str, member: dict[str, Any]) -> None:
         for handler in self._presence_handlers:
             self._call(handler, change, member)
+        for queue in self._presence_queues:
+            queue.put_nowait((change, member))
 
     def _emit_connection(self, state: str) -> None:
         for handler in self._connection_handlers:
@@ -530,10 +535,22 @@ class Session:
         async for event in self._drain(_Subscription(["signal.*"])):
             yield event
 
-    async def _drain(self, sub: _Subscription) -> AsyncIterator[Event]:
+    async def presence_changes(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """`(change, member)` from now on, change `enter|leave|update`; ends with the session."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        sub = _Subscription(None, queue)
+        self._presence_queues.append(queue)
+        try:
+            async for item in self._drain(sub, register=False):
+                yield item
+        finally:
+            self._presence_queues.remove(queue)
+
+    async def _drain(self, sub: _Subscription, *, register: bool = True) -> AsyncIterator[Any]:
         if self.closed:
             sub.queue.put_nowait(_END)
-        self._subs.append(sub)
+        if register:
+            self._subs.append(sub)
         try:
             while True:
                 item = await sub.queue.get()

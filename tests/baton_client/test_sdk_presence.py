@@ -23,6 +23,13 @@ async def test_wait_for_user_returns_when_a_user_attaches(baton_server, agent: B
     assert "agent" in session.members
     assert session.users == []
 
+    async def first_enter() -> tuple[str, dict]:
+        async for change, member in session.presence_changes():
+            if change == "enter":
+                return change, member
+        raise AssertionError("presence iterator ended")
+
+    entering = asyncio.create_task(first_enter())
     waiting = asyncio.create_task(session.wait_for_user(timeout=15))
     await asyncio.sleep(0.3)
     assert not waiting.done()
@@ -33,6 +40,7 @@ async def test_wait_for_user_returns_when_a_user_attaches(baton_server, agent: B
         member = await waiting
         assert member["client_id"] == "alice"
         assert member["kind"] == "user"
+        assert (await entering)[1]["client_id"] == "alice"
         assert "alice" in session.members
         # The user sees the agent in the `attached` presence.
         assert alice.members["agent"]["kind"] == "agent"
