@@ -459,13 +459,17 @@ class Session:
         etype: str = event["type"]
         data = event.get("data") or {}
         if etype == "presence.enter" and data.get("client_id"):
+            # The `attached` snapshot may already hold a member whose enter event is live
+            # after it: merge, but report an enter only for someone who was not there.
+            known = data["client_id"] in self.members
             member = {**self.members.get(data["client_id"], {}), **data}
             member.pop("reason", None)
             self.members[data["client_id"]] = member
-            self._emit_presence("enter", member)
+            if not known:
+                self._emit_presence("enter", member)
         elif etype == "presence.leave" and data.get("client_id"):
-            self.members.pop(data["client_id"], None)
-            self._emit_presence("leave", data)
+            if self.members.pop(data["client_id"], None) is not None:
+                self._emit_presence("leave", data)
         elif etype == "presence.update" and data.get("client_id") in self.members:
             self.members[data["client_id"]].update(data)
             self._emit_presence("update", self.members[data["client_id"]])

@@ -537,12 +537,13 @@ export class BatonConnection {
     if (!data.client_id) return;
     let change = null;
     if (event.type === "presence.enter") {
+      // The `attached` list may already hold a member whose enter event is live after it.
+      const known = this.presence.has(data.client_id);
       this.presence.set(data.client_id, { ...(this.presence.get(data.client_id) || {}), ...data });
-      change = "enter";
+      change = known ? null : "enter";
     } else if (event.type === "presence.leave") {
-      this.presence.delete(data.client_id);
+      change = this.presence.delete(data.client_id) ? "leave" : null;
       this.typingMembers.delete(data.client_id);
-      change = "leave";
     } else if (event.type === "presence.update" && this.presence.has(data.client_id)) {
       Object.assign(this.presence.get(data.client_id), data);
       change = "update";

@@ -1,8 +1,9 @@
 """A real Baton server in a subprocess (uvicorn) and a TCP proxy that can cut connections.
 
-The SDK is tested over real sockets against the real ASGI app: the server gets its own SQLite
-database (migrated once per test run, copied per server) so killing and restarting it mid-test
-is safe and nothing leaks between servers.
+The SDK is tested over real sockets against the real ASGI app. Each server gets its own SQLite
+database (migrated once per run, copied per server) rather than pytest-django's shared test
+database: killing and restarting a server mid-test is then safe, the tests need no
+`transactional_db` flush, and nothing leaks between servers.
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ def free_port() -> int:
 
 
 def _env(db_path: Path) -> dict[str, str]:
+    """SQLite file of its own, so a server can be killed without touching other tests' data.
+
+    `REDIS_URL`, when set, is kept (the SDK is then tested over channels-redis) with a prefix
+    of this server's own so two test servers never share channel-layer groups.
+    """
     env = dict(os.environ)
     env["DATABASE_URL"] = f"sqlite:///{db_path}"
-    env.pop("REDIS_URL", None)
+    env["BATON_REDIS_PREFIX"] = f"baton-sdk-test-{db_path.parent.name}"
     env["DJANGO_SETTINGS_MODULE"] = "project.settings"
     env["PYTHONUNBUFFERED"] = "1"
     return env
