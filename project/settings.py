@@ -99,14 +99,13 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 if REDIS_URL:
+    # Pub/sub: one PUBLISH per fan-out message and no per-channel lists to expire or cap. A
+    # message lost while a worker is disconnected is repaired from the database by the hub.
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
             "CONFIG": {
                 "hosts": [REDIS_URL],
-                "capacity": 10000,
-                "expiry": 30,
-                "group_expiry": 3600,
                 "prefix": os.environ.get("BATON_REDIS_PREFIX", "baton"),
             },
         }
@@ -152,6 +151,7 @@ LOGGING = {
 }
 
 # Baton knobs.
+BATON_SERVE_STATIC = env_bool("BATON_SERVE_STATIC", True)
 BATON_MAX_EVENT_BYTES = env_int("BATON_MAX_EVENT_BYTES", 65536)
 BATON_MAX_FRAME_BYTES = env_int("BATON_MAX_FRAME_BYTES", 4 * 65536)
 BATON_MAX_BATCH_EVENTS = env_int("BATON_MAX_BATCH_EVENTS", 500)

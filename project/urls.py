@@ -1,14 +1,20 @@
 from django.contrib import admin
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import include, path
+from django.views.defaults import page_not_found
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 
-def api_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
-    return JsonResponse(
-        {"error": {"code": "not_found", "message": "No such endpoint."}}, status=404
-    )
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """JSON for API clients, Django's page for people."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(
+            {"error": {"code": "not_found", "message": "No such endpoint."}}, status=404
+        )
+    return page_not_found(request, exception or Exception("not found"))
 
+
+handler404 = not_found
 
 urlpatterns = [
     path("admin/", admin.site.urls),

@@ -171,6 +171,8 @@ def _check_author_may_publish(author: Author, item: EventInput) -> None:
         raise forbidden(f"'{item.type}' is published by the server only.")
     if item.type == et.NOTE_INTERNAL and author.kind != et.KIND_OPERATOR:
         raise forbidden("Only operators write internal notes.")
+    if item.type == et.HANDOVER_REQUESTED and author.kind not in (et.KIND_USER, et.KIND_AGENT):
+        raise forbidden("Only users and agents request a human; operators claim.")
     if item.type == et.MESSAGE_CREATE:
         role = item.data["role"]
         allowed = et.ROLES_BY_KIND.get(author.kind, frozenset())
@@ -576,6 +578,24 @@ def set_presence_lease(
     now = timezone.now()
     with transaction.atomic():
         _lock_session(session_id)
+        lapsed = PresenceLease.objects.filter(
+            session_id=session_id, client_id=author.id, expires_at__lte=now
+        ).first()
+        if lapsed is not None:
+            # Expired but not reaped yet: close it out first, so every enter has its leave.
+            lapsed.delete()
+            if not _is_member(session_id, author.id, now):
+                append_events(
+                    session_id=session_id,
+                    author=author,
+                    events=[
+                        EventInput(
+                            et.PRESENCE_LEAVE,
+                            _member_data(author.id, author.kind, author.name, reason="timeout"),
+                        )
+                    ],
+                    system=True,
+                )
         was_member = _is_member(session_id, author.id, now)
         if ttl <= 0:
             PresenceLease.objects.filter(session_id=session_id, client_id=author.id).delete()
@@ -592,15 +612,17 @@ def set_presence_lease(
                     system=True,
                 )
             return None
+        renewal: dict[str, Any] = {
+            "kind": author.kind,
+            "name": author.name,
+            "expires_at": now + timedelta(seconds=ttl),
+        }
+        if state is not None:
+            renewal["state"] = state  # a renewal without state keeps the last one
         lease, _created = PresenceLease.objects.update_or_create(
             session_id=session_id,
             client_id=author.id,
-            defaults={
-                "kind": author.kind,
-                "name": author.name,
-                "state": state,
-                "expires_at": now + timedelta(seconds=ttl),
-            },
+            defaults=renewal,
             create_defaults={
                 "kind": author.kind,
                 "name": author.name,
@@ -703,4 +725,3 @@ def create_agent_key(*, name: str) -> tuple[AgentKey, str]:
     except IntegrityError:
         raise conflict("conflict", f"An agent key named {name!r} already exists.") from None
     return key, raw
-
