@@ -76,7 +76,7 @@ class BatonClient:
         types: Sequence[str] | None = None,
         client_id: str | None = None,
         *,
-        timeout: float | None = 30.0,  # noqa: ASYNC109
+        timeout: float | None = 30.0,
         **options: Any,
     ) -> Session:
         """Attach to a session and return once caught up (the `attached` frame arrived).

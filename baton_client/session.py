@@ -172,7 +172,7 @@ class Session:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, *, timeout: float | None = 30.0) -> Session:  # noqa: ASYNC109
+    async def start(self, *, timeout: float | None = 30.0) -> Session:
         """Read the session's status, open the socket and wait for the first `attached`.
 
         Transient failures (server down, restarting) are retried until `timeout`; refusals
@@ -604,7 +604,7 @@ class Session:
     async def wait_for(
         self,
         predicate: Callable[[Session], bool],
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> None:
         """Wait until `predicate(session)` holds; re-checked on every state change."""
         async with asyncio.timeout(timeout):
@@ -617,7 +617,7 @@ class Session:
 
     async def wait_for_user(
         self,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         """Return a present user, waiting for one to attach; lets an agent idle while alone."""
         await self.wait_for(lambda s: bool(s.users), timeout)
@@ -625,7 +625,7 @@ class Session:
 
     async def wait_until_released(
         self,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> None:
         """Wait while an operator holds the session (`with_human`)."""
         await self.wait_for(lambda s: s.status != "with_human", timeout)
