@@ -602,9 +602,7 @@ class Session:
         return [m for m in self.members.values() if m.get("kind") == "user"]
 
     async def wait_for(
-        self,
-        predicate: Callable[[Session], bool],
-        timeout: float | None = None,
+        self, predicate: Callable[[Session], bool], timeout: float | None = None
     ) -> None:
         """Wait until `predicate(session)` holds; re-checked on every state change."""
         async with asyncio.timeout(timeout):
@@ -615,18 +613,12 @@ class Session:
                     raise NotConnected("session closed by the caller")
                 await self._changed.wait()
 
-    async def wait_for_user(
-        self,
-        timeout: float | None = None,
-    ) -> dict[str, Any]:
+    async def wait_for_user(self, timeout: float | None = None) -> dict[str, Any]:
         """Return a present user, waiting for one to attach; lets an agent idle while alone."""
         await self.wait_for(lambda s: bool(s.users), timeout)
         return self.users[0]
 
-    async def wait_until_released(
-        self,
-        timeout: float | None = None,
-    ) -> None:
+    async def wait_until_released(self, timeout: float | None = None) -> None:
         """Wait while an operator holds the session (`with_human`)."""
         await self.wait_for(lambda s: s.status != "with_human", timeout)
 
