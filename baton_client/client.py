@@ -54,6 +54,10 @@ class BatonClient:
     async def get_session(self, session_id: str) -> dict[str, Any]:
         return await self.rest.get_session(session_id)
 
+    async def list_sessions(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Sessions, newest first, optionally by status (agent keys only)."""
+        return await self.rest.list_sessions(status)
+
     async def mint_token(
         self,
         session_id: str,

@@ -188,8 +188,9 @@ class BatonREST:
     def get_session(self, session_id: str) -> dict[str, Any]:
         return self._call(_Requests.get_session(session_id))
 
-    def list_sessions(self, status: str | None = None) -> Any:
-        return self._call(_Requests.list_sessions(status))
+    def list_sessions(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Newest first (agent keys and operators only)."""
+        return list(self._call(_Requests.list_sessions(status))["sessions"])
 
     def publish(
         self,
@@ -306,6 +307,9 @@ class AsyncREST:
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
         return await self._call(_Requests.get_session(session_id))
+
+    async def list_sessions(self, status: str | None = None) -> list[dict[str, Any]]:
+        return list((await self._call(_Requests.list_sessions(status)))["sessions"])
 
     async def publish(
         self,
