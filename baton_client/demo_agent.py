@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between session scans")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll is noise
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main_async(args.url, args.key, args.token_delay, args.poll))
 
