@@ -153,6 +153,9 @@ class Hub:
         self.started = False
         self.start_lock = asyncio.Lock()
         self.stats = {"repairs": 0, "repaired_events": 0, "layer_errors": 0}
+        from sessions_app.writer import EventWriter
+
+        self.writer = EventWriter(loop)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,6 +178,7 @@ class Hub:
             self.started = True
 
     async def shutdown(self) -> None:
+        await self.writer.close()
         tasks = [*self.tasks, *(f.repair_task for f in self.feeds.values() if f.repair_task)]
         for task in tasks:
             task.cancel()

@@ -429,6 +429,34 @@ def _materialize_messages(
         )
 
 
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    session_id: str
+    author: Author
+    events: Sequence[EventInput]
+
+
+def append_many(requests: Sequence[AppendRequest]) -> list[list[AppendResult] | BatonError]:
+    """Group commit: several publishers' appends in ONE transaction, each in a savepoint.
+
+    Requests are applied in session-id order (stable within a session), so concurrent batches
+    in other processes lock session rows in the same order and cannot deadlock. A refused
+    request yields its BatonError in its slot; the others commit.
+    """
+    order = sorted(range(len(requests)), key=lambda i: requests[i].session_id)
+    outcomes: list[list[AppendResult] | BatonError] = [[] for _ in requests]
+    with transaction.atomic():
+        for i in order:
+            request = requests[i]
+            try:
+                outcomes[i] = append_events(
+                    session_id=request.session_id, author=request.author, events=request.events
+                )
+            except BatonError as exc:
+                outcomes[i] = exc
+    return outcomes
+
+
 # --------------------------------------------------------------------------- sessions
 
 
