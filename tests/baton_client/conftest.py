@@ -1,9 +1,10 @@
 """A real Baton server in a subprocess (uvicorn) and a TCP proxy that can cut connections.
 
-The SDK is tested over real sockets against the real ASGI app. Each server gets its own SQLite
-database (migrated once per run, copied per server) rather than pytest-django's shared test
-database: killing and restarting a server mid-test is then safe, the tests need no
-`transactional_db` flush, and nothing leaks between servers.
+The SDK is tested over real sockets against the real ASGI app. Each server gets a database of
+its own (SQLite file, or Postgres when the run's DATABASE_URL is Postgres; migrated once per
+run, copied per server) rather than pytest-django's shared test database: killing and
+restarting a server mid-test is then safe, the tests need no `transactional_db` flush, and
+nothing leaks between servers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -35,25 +37,66 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _env(db_path: Path) -> dict[str, str]:
-    """SQLite file of its own, so a server can be killed without touching other tests' data.
+class Database:
+    """The database of one test server: a SQLite file, or a Postgres database of its own.
 
-    `REDIS_URL`, when set, is kept (the SDK is then tested over channels-redis) with a prefix
-    of this server's own so two test servers never share channel-layer groups.
+    Postgres is used when the run's `DATABASE_URL` points at Postgres (the CI's second pass);
+    each server then gets `CREATE DATABASE … TEMPLATE` of one migrated template.
     """
-    env = dict(os.environ)
-    env["DATABASE_URL"] = f"sqlite:///{db_path}"
-    env["BATON_REDIS_PREFIX"] = f"baton-sdk-test-{db_path.parent.name}"
-    env["DJANGO_SETTINGS_MODULE"] = "project.settings"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+
+    def __init__(self, url: str, directory: Path) -> None:
+        self.url = url
+        self.directory = directory  # unique per database: also names its Redis prefix
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.url.startswith(("postgres://", "postgresql://"))
+
+    def env(self) -> dict[str, str]:
+        """`REDIS_URL`, when set, is kept (the SDK is then tested over channels-redis) with a
+        prefix of this server's own so two test servers never share channel-layer groups."""
+        env = dict(os.environ)
+        env["DATABASE_URL"] = self.url
+        env["BATON_REDIS_PREFIX"] = f"baton-sdk-test-{os.getpid()}-{self.directory.name}"
+        env["DJANGO_SETTINGS_MODULE"] = "project.settings"
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def execute(self, sql: str, params: tuple[object, ...]) -> None:
+        """Run one statement (`%s` placeholders) the way another process would."""
+        if self.is_postgres:
+            import psycopg
+
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute(sql, params)  # type: ignore[arg-type]
+        else:
+            import sqlite3
+
+            with sqlite3.connect(self.url.removeprefix("sqlite:///"), timeout=30) as conn:
+                conn.execute(sql.replace("%s", "?"), params)
 
 
-def _manage(db_path: Path, *args: str) -> str:
+def _pg_admin_url(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/postgres"))
+
+
+def _pg_with_name(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def _pg_admin(url: str, sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(_pg_admin_url(url), autocommit=True) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
+
+
+def _manage(db: Database, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=REPO,
-        env=_env(db_path),
+        env=db.env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -66,26 +109,58 @@ def _manage(db_path: Path, *args: str) -> str:
 
 @dataclass
 class Template:
-    db_path: Path
+    db: Database
     agent_key: str
+    pg_prefix: str | None = None
+    copies: int = 0
+
+    def copy(self, directory: Path) -> Database:
+        """A fresh database for one server, holding the template's key."""
+        if self.pg_prefix is None:
+            path = directory / "baton.sqlite3"
+            shutil.copy(self.db.url.removeprefix("sqlite:///"), path)
+            return Database(f"sqlite:///{path}", directory)
+        self.copies += 1
+        name = f"{self.pg_prefix}_{self.copies}"
+        _pg_admin(self.db.url, f'CREATE DATABASE "{name}" TEMPLATE "{self.pg_prefix}_tpl"')
+        return Database(_pg_with_name(self.db.url, name), directory)
+
+    def drop_all(self) -> None:
+        if self.pg_prefix is None:
+            return
+        for n in range(1, self.copies + 1):
+            _pg_admin(self.db.url, f'DROP DATABASE IF EXISTS "{self.pg_prefix}_{n}" WITH (FORCE)')
+        _pg_admin(self.db.url, f'DROP DATABASE IF EXISTS "{self.pg_prefix}_tpl" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
-def baton_template(tmp_path_factory: pytest.TempPathFactory) -> Template:
+def baton_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
     """A migrated database holding one agent key; each server works on a copy of it."""
-    db_path = tmp_path_factory.mktemp("baton-db") / "template.sqlite3"
-    _manage(db_path, "migrate", "--noinput")
-    out = _manage(db_path, "create_agent_key", "sdk-tests")
-    key = out.strip().splitlines()[-1].strip()
-    assert key.startswith("bk_"), out
-    return Template(db_path, key)
+    directory = tmp_path_factory.mktemp("baton-db")
+    run_url = os.environ.get("DATABASE_URL", "")
+    if run_url.startswith(("postgres://", "postgresql://")):
+        prefix = f"baton_sdk_{os.getpid()}"
+        _pg_admin(run_url, f'CREATE DATABASE "{prefix}_tpl"')
+        db = Database(_pg_with_name(run_url, f"{prefix}_tpl"), directory)
+    else:
+        prefix = None
+        db = Database(f"sqlite:///{directory / 'template.sqlite3'}", directory)
+    template = Template(db, "", prefix)
+    try:
+        _manage(db, "migrate", "--noinput")
+        out = _manage(db, "create_agent_key", "sdk-tests")
+        template.agent_key = out.strip().splitlines()[-1].strip()
+        assert template.agent_key.startswith("bk_"), out
+        yield template
+    finally:
+        template.drop_all()
 
 
 class LiveServer:
     """`python -m uvicorn project.asgi:application` on a fixed port, restartable in place."""
 
-    def __init__(self, db_path: Path, agent_key: str, log_path: Path) -> None:
-        self.db_path = db_path
+    def __init__(self, db: Database, agent_key: str, log_path: Path) -> None:
+        self.db = db
         self.agent_key = agent_key
         self.port = free_port()
         self.log_path = log_path
@@ -113,7 +188,7 @@ class LiveServer:
                 "off",
             ],
             cwd=REPO,
-            env=_env(self.db_path),
+            env=self.db.env(),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -147,9 +222,7 @@ class LiveServer:
 
 
 def _server(template: Template, directory: Path) -> LiveServer:
-    db_path = directory / "baton.sqlite3"
-    shutil.copy(template.db_path, db_path)
-    return LiveServer(db_path, template.agent_key, directory / "server.log")
+    return LiveServer(template.copy(directory), template.agent_key, directory / "server.log")
 
 
 @pytest.fixture(scope="session")

@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from pathlib import Path
 
 import pytest
 
 from baton_client import BatonClient, ControlledByHuman, Session
 
+from .conftest import LiveServer
 
-def set_status(db_path: Path, session_id: str, status: str) -> None:
+
+def set_status(server: LiveServer, session_id: str, status: str) -> None:
     """Flip the stored status the way a claim does, without an operator login.
 
     The publish path reads the status from the database in the same transaction that
     allocates the seq, so this is exactly what the server checks.
     """
-    with sqlite3.connect(db_path, timeout=30) as db:
-        db.execute("UPDATE sessions_app_session SET status = ? WHERE id = ?", (status, session_id))
+    server.db.execute(
+        "UPDATE sessions_app_session SET status = %s WHERE id = %s", (status, session_id)
+    )
 
 
 async def test_server_refusal_maps_to_controlled_by_human(baton_server, agent: BatonClient):
     info = await agent.create_session(title="claimed")
     session = await agent.connect(info["id"])
-    set_status(baton_server.db_path, info["id"], "with_human")
+    set_status(baton_server, info["id"], "with_human")
     with pytest.raises(ControlledByHuman) as caught:
         async with session.stream_message() as msg:
             await msg.append("never sent")
@@ -34,7 +35,7 @@ async def test_server_refusal_maps_to_controlled_by_human(baton_server, agent: B
     # Non-message publishes are still allowed: the agent may report progress or ask for help.
     assert (await session.progress("waiting", {"why": "operator"})).seq > 0
 
-    set_status(baton_server.db_path, info["id"], "active")  # released
+    set_status(baton_server, info["id"], "active")  # released
     async with session.stream_message() as msg:
         await msg.append("back")
     assert msg.status == "complete"
@@ -105,7 +106,7 @@ async def test_claim_mid_stream_stops_the_stream(baton_server, agent: BatonClien
         async with session.stream_message(window=0.01) as msg:
             await msg.append("first ")
             await msg.flush()
-            set_status(baton_server.db_path, info["id"], "with_human")
+            set_status(baton_server, info["id"], "with_human")
             for _ in range(200):
                 await msg.append("more ")
                 await asyncio.sleep(0.01)
