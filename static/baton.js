@@ -565,18 +565,18 @@ export class BatonConnection {
         const entry = this.typingMembers.get(key);
         if (entry && entry.until <= Date.now()) {
           this.typingMembers.delete(key);
-          this._emit("typing", { author, state: false, typing: this.typing });
+          this._emit("typing", { author, state: false, typing: this.whoIsTyping() });
         }
       }, until - Date.now() + 10);
     } else {
       this.typingMembers.delete(key);
     }
-    this._emit("typing", { author, state: Boolean(frame.state), typing: this.typing });
+    this._emit("typing", { author, state: Boolean(frame.state), typing: this.whoIsTyping() });
   }
 
-  /** Authors currently typing (others only; the server does not echo our own). */
-  get typing() {
-    return [...this.typingMembers.values()].map((t) => t.author);
+  /** `[{author, until}]` of others typing now (the server does not echo our own typing). */
+  whoIsTyping() {
+    return [...this.typingMembers.values()];
   }
 
   // ---------------------------------------------------------------- outbound
