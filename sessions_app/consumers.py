@@ -160,6 +160,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         )
         self.connection_id = conn.id
         presence = await database_sync_to_async(list_presence)(session_id=self.session_id)
+        session = await database_sync_to_async(get_session)(self.session_id)
         await self.send_json(
             {
                 "op": "attached",
@@ -167,6 +168,8 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
                 "replayed": subscription.replayed,
                 "presence": presence,
                 "connection_id": conn.id,
+                "status": session.status,
+                "controller": session.controller,
             }
         )
         self.sender = asyncio.get_running_loop().create_task(self.send_live())

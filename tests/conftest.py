@@ -137,6 +137,7 @@ class ServerProcess:
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    extra_args: tuple[str, ...] = ()
 
     @property
     def base_url(self) -> str:
@@ -167,6 +168,7 @@ class ServerProcess:
                 "5",
                 "--ws-ping-timeout",
                 "5",
+                *self.extra_args,
             ],
             cwd=ROOT,
             env=self.env,
