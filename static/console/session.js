@@ -229,6 +229,7 @@ function connect(delay = 500) {
     else if (frame.op === "attached") {
       delay = 500;
       $("conn-state").textContent = "live";
+      if (frame.status) setStatus(frame.status, frame.controller || null);
       presence.clear();
       for (const m of frame.presence || []) presence.set(m.client_id, m);
       renderPresence();
