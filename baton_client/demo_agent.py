@@ -12,8 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import random
+from collections.abc import AsyncIterator
+
+import httpx
 
 from baton_client import (
     BatonClient,
@@ -38,11 +43,73 @@ def reply_for(text: str) -> str:
     return f'You said: "{text.strip()[:200]}". {FILLER}'
 
 
+class OpenAICompatibleLLM:
+    """Streams a chat completion from any OpenAI-compatible endpoint (`BATON_DEMO_LLM_URL`)."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str = "",
+        model: str = "gpt-4o-mini",
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.model = model
+        self.transport = transport
+
+    @classmethod
+    def from_env(cls) -> OpenAICompatibleLLM | None:
+        url = os.environ.get("BATON_DEMO_LLM_URL")
+        if not url:
+            return None
+        return cls(
+            url,
+            os.environ.get("BATON_DEMO_LLM_KEY", ""),
+            os.environ.get("BATON_DEMO_LLM_MODEL", "gpt-4o-mini"),
+        )
+
+    async def stream(self, text: str) -> AsyncIterator[str]:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        body = {
+            "model": self.model,
+            "stream": True,
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant in the Baton demo."},
+                {"role": "user", "content": text},
+            ],
+        }
+        async with (
+            httpx.AsyncClient(timeout=60, transport=self.transport) as http,
+            http.stream(
+                "POST", f"{self.url}/chat/completions", json=body, headers=headers
+            ) as response,
+        ):
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[len("data:") :].strip()
+                if payload == "[DONE]":
+                    return
+                choices = json.loads(payload).get("choices") or [{}]
+                delta = (choices[0].get("delta") or {}).get("content")
+                if delta:
+                    yield delta
+
+
 class SessionWorker:
     """Serves one session until it is closed."""
 
-    def __init__(self, client: BatonClient, session_id: str, token_delay: float) -> None:
+    def __init__(
+        self,
+        client: BatonClient,
+        session_id: str,
+        token_delay: float,
+        llm: OpenAICompatibleLLM | None = None,
+    ) -> None:
         self.client = client
+        self.llm = llm
         self.session_id = session_id
         self.token_delay = token_delay
         self.session: Session | None = None
@@ -87,6 +154,16 @@ class SessionWorker:
             ):
                 self._start_reply(event["data"].get("content") or "")
 
+    async def tokens(self, text: str) -> AsyncIterator[str]:
+        """The scripted reply at a realistic pace, or a real model's stream when configured."""
+        if self.llm is not None:
+            async for token in self.llm.stream(text):
+                yield token
+            return
+        for word in reply_for(text).split(" "):
+            yield word + " "
+            await asyncio.sleep(self.token_delay * random.uniform(0.5, 1.5))
+
     def _start_reply(self, text: str) -> None:
         if self.reply is not None and not self.reply.done():
             self.reply.cancel()  # a new user message supersedes the answer in progress
@@ -117,14 +194,20 @@ class SessionWorker:
             await asyncio.sleep(0.3)
             await session.progress("tool_result", {"name": "search_docs", "hits": 3})
             async with session.stream_message(role="assistant") as msg:
-                for word in reply_for(text).split(" "):
-                    await msg.append(word + " ")
-                    await asyncio.sleep(self.token_delay * random.uniform(0.5, 1.5))
+                async for token in self.tokens(text):
+                    if not session.users:
+                        # Nobody is watching: stop burning tokens until a user is back.
+                        await session.progress("paused", {"reason": "no user present"})
+                        await session.wait_for_user()
+                        await session.progress("resumed", {})
+                    await msg.append(token)
         except (ControlledByHuman, SessionClosed) as exc:
             log.info("demo agent: %s in %s", exc.code, self.session_id)
 
 
-async def discover(client: BatonClient, token_delay: float, poll: float) -> None:
+async def discover(
+    client: BatonClient, token_delay: float, poll: float, llm: OpenAICompatibleLLM | None = None
+) -> None:
     """Serve every session that is not closed; pick up new ones as they appear."""
     workers: dict[str, asyncio.Task[None]] = {}
     while True:
@@ -137,12 +220,14 @@ async def discover(client: BatonClient, token_delay: float, poll: float) -> None
             sid = info["id"]
             if info.get("status") == "closed" or (sid in workers and not workers[sid].done()):
                 continue
-            workers[sid] = asyncio.create_task(_run_worker(client, sid, token_delay))
+            workers[sid] = asyncio.create_task(_run_worker(client, sid, token_delay, llm))
         await asyncio.sleep(poll)
 
 
-async def _run_worker(client: BatonClient, session_id: str, token_delay: float) -> None:
-    worker = SessionWorker(client, session_id, token_delay)
+async def _run_worker(
+    client: BatonClient, session_id: str, token_delay: float, llm: OpenAICompatibleLLM | None
+) -> None:
+    worker = SessionWorker(client, session_id, token_delay, llm)
     try:
         await worker.run()
     except ConnectionRejected as exc:
@@ -152,15 +237,18 @@ async def _run_worker(client: BatonClient, session_id: str, token_delay: float) 
 
 
 async def main_async(url: str, key: str, token_delay: float, poll: float) -> None:
+    llm = OpenAICompatibleLLM.from_env()
+    if llm is not None:
+        log.info("demo agent: streaming from %s (%s)", llm.url, llm.model)
     async with BatonClient(url, key, client_id="demo-agent") as client:
-        await discover(client, token_delay, poll)
+        await discover(client, token_delay, poll, llm)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--key", required=True, help="agent key (bk_…)")
-    parser.add_argument("--token-delay", type=float, default=0.06, help="seconds per word")
+    parser.add_argument("--token-delay", type=float, default=0.03, help="seconds per word")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between session scans")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
