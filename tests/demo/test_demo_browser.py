@@ -28,8 +28,8 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    # Module scope: sync Playwright keeps an event loop running in this thread while it is
-    # open, which breaks every later async test (and any other sync Playwright user).
+    """Module-scoped: sync Playwright runs an event loop in this thread while it is open,
+    which would break every async test that ran after it."""
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
