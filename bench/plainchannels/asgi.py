@@ -15,8 +15,6 @@ from bench.plainchannels.consumers import SessionConsumer  # noqa: E402
 application = ProtocolTypeRouter(
     {
         "http": django_asgi,
-        "websocket": URLRouter(
-            [path("ws/sessions/<str:session_id>/", SessionConsumer.as_asgi())]
-        ),
+        "websocket": URLRouter([path("ws/sessions/<str:session_id>/", SessionConsumer.as_asgi())]),
     }
 )
