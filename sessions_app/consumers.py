@@ -1,0 +1,303 @@
+"""The session WebSocket: thin protocol glue over streams (reads) and services (writes)."""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+
+from sessions_app import event_types as et
+from sessions_app.auth import AuthError, authenticate_scope
+from sessions_app.errors import BatonError
+from sessions_app.hub import get_hub
+from sessions_app.identity import Principal
+from sessions_app.selectors import get_session, list_presence, parse_type_patterns
+from sessions_app.services import (
+    AppendResult,
+    append_events,
+    close_connection,
+    open_connection,
+    parse_event_batch,
+    record_delivery_position,
+)
+from sessions_app.streams import SlowConsumer, Subscription, events_frame
+
+log = logging.getLogger(__name__)
+
+CLOSE_PROTOCOL = 4400
+CLOSE_NOT_FOUND = 4404
+CLOSE_TOO_SLOW = 4408
+CLEAN_CLOSE_CODES = frozenset({1000, 1001})
+POSITION_FLUSH_SECONDS = 1.0
+
+
+def parse_after(raw: Any) -> int:
+    if raw is None or raw == "":
+        return 0
+    if isinstance(raw, bool):
+        raise BatonError("bad_after", "'after' must be a non-negative integer.")
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise BatonError("bad_after", "'after' must be a non-negative integer.") from None
+    if value < 0 or (isinstance(raw, float) and raw != value):
+        raise BatonError("bad_after", "'after' must be a non-negative integer.")
+    return value
+
+
+class SessionConsumer(AsyncJsonWebsocketConsumer):
+    # No per-socket channel-layer channel: the process hub does all fan-out.
+    channel_layer_alias = "baton-no-per-socket-layer"
+
+    async def connect(self) -> None:
+        self.session_id: str = self.scope["url_route"]["kwargs"]["session_id"]
+        self.principal: Principal | None = None
+        self.subscription: Subscription | None = None
+        self.connection_id: str | None = None
+        self.sender: asyncio.Task[None] | None = None
+        self.attach_started = False
+        self.closing = False
+        self.received_seq: int | None = None
+        self.flushed_seq: int | None = None
+        self.flushed_at = 0.0
+        await self.accept()
+        try:
+            principal = await database_sync_to_async(authenticate_scope)(self.scope)
+            await database_sync_to_async(get_session)(self.session_id)
+        except AuthError as exc:
+            await self.fail(exc, exc.close_code)
+            return
+        except BatonError as exc:
+            await self.fail(exc, CLOSE_NOT_FOUND)
+            return
+        if principal.session_id not in (None, self.session_id):
+            await self.fail(AuthError("This token is for another session.", forbidden=True), 4403)
+            return
+        self.principal = principal
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        if {"after", "types", "snapshot"} & set(query):
+            await self.op_attach(
+                {
+                    "after": (query.get("after") or [None])[0],
+                    "types": (query.get("types") or [None])[0],
+                    "snapshot": (query.get("snapshot") or ["0"])[0] in ("1", "true"),
+                }
+            )
+
+    # ------------------------------------------------------------------ frames in
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.principal is None or self.closing:
+            return
+        if text_data is None:
+            await self.fail(BatonError("bad_frame", "Binary frames are not supported."), 4400)
+            return
+        if len(text_data) > settings.BATON_MAX_FRAME_BYTES:
+            await self.send_error("payload_too_large", "The frame is over the size limit.")
+            return
+        try:
+            content = json.loads(text_data)
+        except ValueError:
+            await self.send_error("bad_json", "The frame is not valid JSON.")
+            return
+        if not isinstance(content, dict) or not isinstance(content.get("op"), str):
+            await self.send_error("bad_frame", "A frame is a JSON object with an 'op'.")
+            return
+        ref = content.get("ref")
+        handler = self.handlers.get(content["op"])
+        if handler is None:
+            await self.send_error("unknown_op", f"Unknown op {content['op']!r}.", ref)
+            return
+        try:
+            await handler(self, content)
+        except BatonError as exc:
+            await self.send_error(exc.code, exc.message, ref)
+
+    async def op_attach(self, content: dict[str, Any]) -> None:
+        assert self.principal is not None
+        if self.attach_started:
+            await self.fail(BatonError("bad_frame", "This connection is already attached."), 4400)
+            return
+        if not self.principal.can(et.CAP_SUBSCRIBE, self.session_id):
+            raise AuthError("This credential cannot subscribe.", forbidden=True)
+        try:
+            after = parse_after(content.get("after"))
+            types = parse_type_patterns(content.get("types"))
+        except BatonError as exc:
+            await self.fail(exc, CLOSE_PROTOCOL)
+            return
+        self.attach_started = True
+        subscription = Subscription(
+            session_id=self.session_id,
+            after=after,
+            types=types,
+            include_private=self.principal.sees_private,
+            hub=get_hub(),
+        )
+        try:
+            head = await subscription.open(snapshot=bool(content.get("snapshot")))
+        except BatonError as exc:
+            await self.fail(exc, CLOSE_PROTOCOL if exc.code == "bad_after" else CLOSE_NOT_FOUND)
+            return
+        self.subscription = subscription
+        if subscription.snapshot is not None:
+            await self.send_json(subscription.snapshot)
+        async for page in subscription.history():
+            await self.send(text_data=events_frame(page))
+        conn = await database_sync_to_async(open_connection)(
+            session_id=self.session_id,
+            author=self.principal.author,
+            worker_id=subscription.hub.worker_id,
+            after=after,
+            replayed=subscription.replayed,
+            counts_for_presence=self.principal.can(et.CAP_PRESENCE, self.session_id),
+            user_agent=self._header("user-agent"),
+        )
+        self.connection_id = conn.id
+        presence = await database_sync_to_async(list_presence)(session_id=self.session_id)
+        await self.send_json(
+            {
+                "op": "attached",
+                "head": head,
+                "replayed": subscription.replayed,
+                "presence": presence,
+                "connection_id": conn.id,
+            }
+        )
+        self.sender = asyncio.get_running_loop().create_task(self.send_live())
+
+    async def op_publish(self, content: dict[str, Any]) -> None:
+        assert self.principal is not None
+        ref = content.get("ref")
+        if not self.principal.can(et.CAP_PUBLISH, self.session_id):
+            raise AuthError("This credential cannot publish.", forbidden=True)
+        if "events" in content:
+            batch = True
+            items = parse_event_batch({"events": content["events"]})
+        elif "event" in content:
+            batch = False
+            items = parse_event_batch(content["event"])
+        else:
+            raise BatonError("bad_frame", "publish needs 'event' or 'events'.")
+        results: list[AppendResult] = await database_sync_to_async(append_events)(
+            session_id=self.session_id, author=self.principal.author, events=items
+        )
+        if batch:
+            await self.send_json(
+                {
+                    "op": "ack",
+                    "ref": ref,
+                    "seqs": [r.seq for r in results],
+                    "events": [r.as_dict() for r in results],
+                }
+            )
+        else:
+            await self.send_json({"op": "ack", "ref": ref, **results[0].as_dict()})
+
+    async def op_received(self, content: dict[str, Any]) -> None:
+        seq = content.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise BatonError("bad_frame", "'received' needs a non-negative integer 'seq'.")
+        self.received_seq = max(seq, self.received_seq or 0)
+        if time.monotonic() - self.flushed_at >= POSITION_FLUSH_SECONDS:
+            await self.flush_position()
+
+    async def op_typing(self, content: dict[str, Any]) -> None:
+        assert self.principal is not None
+        if not self.principal.can(et.CAP_PUBLISH, self.session_id):
+            raise AuthError("This credential cannot publish.", forbidden=True)
+        if self.subscription is None:
+            raise BatonError("not_attached", "Attach before sending typing indicators.")
+        self.subscription.hub.publish_ephemeral(
+            self.session_id,
+            {
+                "op": "ephemeral",
+                "type": "typing",
+                "author": self.principal.author.as_dict(),
+                "state": bool(content.get("state", True)),
+            },
+            exclude=self.subscription,
+        )
+
+    async def op_ping(self, content: dict[str, Any]) -> None:
+        await self.send_json({"op": "pong"})
+
+    handlers = {
+        "attach": op_attach,
+        "publish": op_publish,
+        "received": op_received,
+        "typing": op_typing,
+        "ping": op_ping,
+    }
+
+    # ------------------------------------------------------------------ frames out
+
+    async def send_live(self) -> None:
+        assert self.subscription is not None
+        try:
+            while True:
+                events, ephemeral = await self.subscription.next_live()
+                if events:
+                    await self.send(text_data=events_frame(events))
+                for payload in ephemeral:
+                    await self.send_json(payload)
+        except SlowConsumer:
+            await self.send_error("too_slow", "Too far behind; reconnect with 'after'.")
+            await self.close(code=CLOSE_TOO_SLOW)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("live sender failed for %s", self.session_id)
+            await self.close(code=1011)
+
+    async def send_error(self, code: str, message: str, ref: Any = None) -> None:
+        frame: dict[str, Any] = {"op": "error", "code": code, "message": message}
+        if ref is not None:
+            frame["ref"] = ref
+        await self.send_json(frame)
+
+    async def fail(self, exc: BatonError, close_code: int) -> None:
+        """Say why in an error frame, then close with the protocol's code."""
+        self.closing = True
+        await self.send_error(exc.code, exc.message)
+        await self.close(code=close_code)
+
+    # ------------------------------------------------------------------ teardown
+
+    async def disconnect(self, code: int) -> None:
+        if self.sender is not None:
+            self.sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.sender
+        if self.subscription is not None:
+            self.subscription.close()
+        if self.connection_id is not None:
+            reason = et.LEAVE_CLOSED if code in CLEAN_CLOSE_CODES else et.LEAVE_LOST
+            await self.flush_position()
+            await database_sync_to_async(close_connection)(
+                connection_id=self.connection_id, code=code, reason=reason
+            )
+
+    async def flush_position(self) -> None:
+        if self.connection_id is None or self.received_seq is None:
+            return
+        if self.received_seq == self.flushed_seq:
+            return
+        self.flushed_seq = self.received_seq
+        self.flushed_at = time.monotonic()
+        await database_sync_to_async(record_delivery_position)(
+            connection_id=self.connection_id, seq=self.received_seq
+        )
+
+    def _header(self, name: str) -> str:
+        wanted = name.encode()
+        for key, value in self.scope.get("headers", []):
+            if key.lower() == wanted:
+                return value.decode("latin-1")
+        return ""

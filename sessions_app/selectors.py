@@ -1,0 +1,168 @@
+"""Reads. Everything that looks at sessions, the event log, messages and presence."""
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from sessions_app import event_types as et
+from sessions_app.errors import BatonError, not_found
+from sessions_app.models import AgentKey, Connection, Event, Message, PresenceLease, Session
+from sessions_app.wire import event_to_wire, format_ts
+
+MAX_TYPE_PATTERNS = 20
+
+
+def parse_type_patterns(raw: Any) -> tuple[str, ...] | None:
+    """Validate type globs (`message.*`, `progress.*`, `signal.cancel`); None means all types."""
+    if raw is None or raw == "" or raw == []:
+        return None
+    if isinstance(raw, str):
+        raw = [part.strip() for part in raw.split(",") if part.strip()]
+    if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
+        raise BatonError("invalid_filter", "'types' must be a list of type patterns.", 400)
+    if len(raw) > MAX_TYPE_PATTERNS or any(len(p) > 100 for p in raw):
+        raise BatonError("invalid_filter", f"At most {MAX_TYPE_PATTERNS} type patterns.", 400)
+    for pattern in raw:
+        if "*" in pattern and not (pattern == "*" or pattern.endswith(".*")):
+            raise BatonError(
+                "invalid_filter", f"Bad pattern {pattern!r}: use 'x.*' or an exact type.", 400
+            )
+    if "*" in raw:
+        return None
+    return tuple(raw)
+
+
+def type_matcher(patterns: Sequence[str] | None):
+    """A fast predicate for the live path: exact types plus `prefix.*` families."""
+    if patterns is None:
+        return None
+    exact = frozenset(p for p in patterns if not p.endswith(".*"))
+    prefixes = tuple(p[:-1] for p in patterns if p.endswith(".*"))
+
+    def matches(event_type: str) -> bool:
+        return event_type in exact or event_type.startswith(prefixes)
+
+    return matches
+
+
+def _type_q(patterns: Sequence[str] | None) -> Q:
+    if patterns is None:
+        return Q()
+    q = Q(type__in=[p for p in patterns if not p.endswith(".*")])
+    for p in patterns:
+        if p.endswith(".*"):
+            q |= Q(type__startswith=p[:-1])
+    return q
+
+
+def get_session(session_id: str) -> Session:
+    try:
+        return Session.objects.get(pk=session_id)
+    except Session.DoesNotExist:
+        raise not_found() from None
+
+
+def get_head(session_id: str) -> int | None:
+    return Session.objects.filter(pk=session_id).values_list("last_seq", flat=True).first()
+
+
+def get_heads(session_ids: Sequence[str]) -> dict[str, int]:
+    return dict(Session.objects.filter(pk__in=list(session_ids)).values_list("id", "last_seq"))
+
+
+def list_sessions(*, status: str | None = None, limit: int = 100) -> list[Session]:
+    qs = Session.objects.all()
+    if status:
+        if status not in et.SESSION_STATUSES:
+            raise BatonError("invalid_filter", f"Unknown status {status!r}.", 400)
+        qs = qs.filter(status=status)
+    return list(qs.order_by("-created_at")[:limit])
+
+
+def list_events(
+    *,
+    session_id: str,
+    after: int = 0,
+    upto: int | None = None,
+    limit: int = 1000,
+    types: Sequence[str] | None = None,
+    include_private: bool = False,
+) -> list[Event]:
+    qs = Event.objects.filter(session_id=session_id, seq__gt=after)
+    if upto is not None:
+        qs = qs.filter(seq__lte=upto)
+    if not include_private:
+        qs = qs.filter(visibility=et.VISIBILITY_ALL)
+    qs = qs.filter(_type_q(types))
+    return list(qs.order_by("seq")[:limit])
+
+
+def wire_events_between(*, session_id: str, after: int, upto: int) -> list[dict[str, Any]]:
+    """Every event in (after, upto], unfiltered: what the hub uses to repair a hole."""
+    return [
+        event_to_wire(e)
+        for e in Event.objects.filter(session_id=session_id, seq__gt=after, seq__lte=upto).order_by(
+            "seq"
+        )
+    ]
+
+
+def get_message_snapshot(*, session_id: str) -> tuple[int, list[Message]]:
+    """Messages and the seq they are current as of, read under the session lock so they agree."""
+    with transaction.atomic():
+        try:
+            head = (
+                Session.objects.select_for_update()
+                .values_list("last_seq", flat=True)
+                .get(pk=session_id)
+            )
+        except Session.DoesNotExist:
+            raise not_found() from None
+        messages = list(Message.objects.filter(session_id=session_id).order_by("created_seq"))
+    return head, messages
+
+
+def list_presence(*, session_id: str) -> list[dict[str, Any]]:
+    """The live member set: client_ids with an open counted connection or an unexpired lease."""
+    members: dict[str, dict[str, Any]] = {}
+    for conn in Connection.objects.filter(
+        session_id=session_id, closed_at__isnull=True, counts_for_presence=True
+    ).order_by("opened_at"):
+        member = members.setdefault(
+            conn.client_id,
+            {
+                "client_id": conn.client_id,
+                "kind": conn.kind,
+                "name": conn.name,
+                "connections": 0,
+                "since": format_ts(conn.opened_at),
+                "state": None,
+            },
+        )
+        member["connections"] += 1
+    for lease in PresenceLease.objects.filter(session_id=session_id, expires_at__gt=timezone.now()):
+        member = members.setdefault(
+            lease.client_id,
+            {
+                "client_id": lease.client_id,
+                "kind": lease.kind,
+                "name": lease.name,
+                "connections": 0,
+                "since": format_ts(lease.since),
+                "state": None,
+            },
+        )
+        member["state"] = lease.state
+        member["lease_expires_at"] = format_ts(lease.expires_at)
+    return list(members.values())
+
+
+def find_agent_key(*, key_hash: str) -> AgentKey | None:
+    return AgentKey.objects.filter(key_hash=key_hash, revoked_at__isnull=True).first()
+
+
+def list_connections(*, session_id: str, limit: int = 200) -> list[Connection]:
+    return list(Connection.objects.filter(session_id=session_id).order_by("-opened_at")[:limit])

@@ -1,0 +1,706 @@
+"""Writes. `append_events` is the only function that allocates sequence numbers.
+
+Every durable change to a session is an event appended here, in one transaction with the state it
+derives (message materialization, session status, controller); fan-out happens after commit.
+"""
+
+import hashlib
+import json
+import os
+import secrets
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from sessions_app import event_types as et
+from sessions_app.errors import BatonError, conflict, forbidden, invalid, not_found, too_large
+from sessions_app.hub import publish_after_commit
+from sessions_app.identity import Author
+from sessions_app.ids import new_event_id, new_message_id
+from sessions_app.models import (
+    AgentKey,
+    Connection,
+    Event,
+    Message,
+    PresenceLease,
+    Session,
+    Worker,
+)
+from sessions_app.wire import event_to_wire
+
+MAX_CLIENT_REF = 100
+MAX_MESSAGE_ID = 64
+
+
+@dataclass(frozen=True, slots=True)
+class EventInput:
+    """A validated event as a publisher asked for it, before it gets a seq."""
+
+    type: str
+    data: dict[str, Any]
+    message_id: str | None = None
+    client_ref: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    seq: int
+    id: str
+    message_id: str | None
+    duplicate: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "id": self.id,
+            "message_id": self.message_id,
+            "duplicate": self.duplicate,
+        }
+
+
+# --------------------------------------------------------------------------- input validation
+
+
+def parse_event_input(
+    raw: Any, *, idempotency_key: str | None = None, index: int = 0
+) -> EventInput:
+    """Turn one wire event object into an EventInput, or raise a BatonError saying what is wrong."""
+    if not isinstance(raw, Mapping):
+        raise invalid("An event must be a JSON object.")
+    unknown = set(raw) - {"type", "data", "message_id", "client_ref"}
+    if unknown:
+        raise invalid(f"Unknown event field(s): {', '.join(sorted(unknown))}.")
+    event_type = raw.get("type")
+    if not isinstance(event_type, str) or not et.is_known_type(event_type):
+        raise invalid(f"Unknown event type: {event_type!r}.")
+    if len(event_type) > 100:
+        raise invalid("Event type is longer than 100 characters.")
+    data = raw.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise invalid("Event 'data' must be a JSON object.")
+    size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > settings.BATON_MAX_EVENT_BYTES:
+        raise too_large(
+            f"Event data is {size} bytes; the limit is {settings.BATON_MAX_EVENT_BYTES}."
+        )
+    message_id = raw.get("message_id")
+    if message_id is not None and (
+        not isinstance(message_id, str) or not message_id or len(message_id) > MAX_MESSAGE_ID
+    ):
+        raise invalid(f"'message_id' must be a non-empty string of at most {MAX_MESSAGE_ID}.")
+    client_ref = raw.get("client_ref")
+    if client_ref is None and idempotency_key:
+        client_ref = f"{idempotency_key}:{index}"
+    if client_ref is not None and (
+        not isinstance(client_ref, str) or not client_ref or len(client_ref) > MAX_CLIENT_REF
+    ):
+        raise invalid(f"'client_ref' must be a non-empty string of at most {MAX_CLIENT_REF}.")
+    _check_data_shape(event_type, data, message_id)
+    return EventInput(type=event_type, data=data, message_id=message_id, client_ref=client_ref)
+
+
+def parse_event_batch(raw: Any, *, idempotency_key: str | None = None) -> list[EventInput]:
+    """Accept one event object or `{"events": [...]}`."""
+    if isinstance(raw, Mapping) and "events" in raw:
+        if set(raw) != {"events"}:
+            raise invalid("A batch body has only an 'events' list.")
+        items = raw["events"]
+        if not isinstance(items, list) or not items:
+            raise invalid("'events' must be a non-empty list.")
+    else:
+        items = [raw]
+    if len(items) > settings.BATON_MAX_BATCH_EVENTS:
+        raise too_large(f"At most {settings.BATON_MAX_BATCH_EVENTS} events per batch.")
+    return [
+        parse_event_input(item, idempotency_key=idempotency_key, index=i)
+        for i, item in enumerate(items)
+    ]
+
+
+def _require_str(data: dict[str, Any], key: str, event_type: str, optional: bool = False) -> None:
+    value = data.get(key)
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise invalid(f"'{event_type}' needs data.{key} as a string.")
+
+
+def _check_data_shape(event_type: str, data: dict[str, Any], message_id: str | None) -> None:
+    if event_type in et.MESSAGE_TYPES and event_type != et.MESSAGE_CREATE and not message_id:
+        raise invalid(f"'{event_type}' needs a message_id.")
+    if event_type == et.MESSAGE_CREATE:
+        _require_str(data, "role", event_type)
+        _require_str(data, "content", event_type, optional=True)
+        status = data.get("status", et.MESSAGE_STREAMING)
+        if status not in (et.MESSAGE_STREAMING, et.MESSAGE_COMPLETE_STATUS):
+            raise invalid("message.create data.status must be 'streaming' or 'complete'.")
+        if data.get("parts") is not None and not isinstance(data["parts"], list):
+            raise invalid("data.parts must be a list.")
+    elif event_type == et.MESSAGE_APPEND:
+        _require_str(data, "delta", event_type)
+    elif event_type == et.MESSAGE_UPDATE:
+        _require_str(data, "content", event_type)
+        if data.get("parts") is not None and not isinstance(data["parts"], list):
+            raise invalid("data.parts must be a list.")
+    elif event_type == et.MESSAGE_COMPLETE:
+        if data.get("status", et.MESSAGE_COMPLETE_STATUS) not in et.MESSAGE_FINAL_STATUSES:
+            raise invalid("message.complete data.status must be complete, cancelled or failed.")
+        _require_str(data, "reason", event_type, optional=True)
+    elif event_type == et.SIGNAL_REDIRECT:
+        _require_str(data, "text", event_type)
+    elif event_type == et.SIGNAL_CANCEL:
+        _require_str(data, "message_id", event_type, optional=True)
+        _require_str(data, "reason", event_type, optional=True)
+    elif event_type == et.HANDOVER_REQUESTED:
+        _require_str(data, "reason", event_type, optional=True)
+        _require_str(data, "summary", event_type, optional=True)
+    elif event_type == et.NOTE_INTERNAL:
+        _require_str(data, "text", event_type)
+
+
+def _check_author_may_publish(author: Author, item: EventInput) -> None:
+    if item.type in et.SERVER_ONLY_TYPES:
+        raise forbidden(f"'{item.type}' is published by the server only.")
+    if item.type == et.NOTE_INTERNAL and author.kind != et.KIND_OPERATOR:
+        raise forbidden("Only operators write internal notes.")
+    if item.type == et.MESSAGE_CREATE:
+        role = item.data["role"]
+        allowed = et.ROLES_BY_KIND.get(author.kind, frozenset())
+        if role not in allowed:
+            raise forbidden(f"A {author.kind} cannot create a message with role {role!r}.")
+
+
+# --------------------------------------------------------------------------- the append
+
+
+def _visibility_for(event_type: str) -> str:
+    if event_type == et.NOTE_INTERNAL:
+        return et.VISIBILITY_OPERATORS
+    if event_type.startswith("connection."):
+        return et.VISIBILITY_DIAGNOSTICS
+    return et.VISIBILITY_ALL
+
+
+# Status transitions driven by event types: type -> (allowed from, to).
+_TRANSITIONS: dict[str, tuple[frozenset[str], str]] = {
+    et.HANDOVER_REQUESTED: (frozenset({et.STATUS_ACTIVE}), et.STATUS_AWAITING_HUMAN),
+    et.HANDOVER_CLAIMED: (
+        frozenset({et.STATUS_ACTIVE, et.STATUS_AWAITING_HUMAN}),
+        et.STATUS_WITH_HUMAN,
+    ),
+    et.HANDOVER_RELEASED: (
+        frozenset({et.STATUS_WITH_HUMAN, et.STATUS_AWAITING_HUMAN}),
+        et.STATUS_ACTIVE,
+    ),
+    et.SESSION_CLOSED: (
+        frozenset({et.STATUS_ACTIVE, et.STATUS_AWAITING_HUMAN, et.STATUS_WITH_HUMAN}),
+        et.STATUS_CLOSED,
+    ),
+}
+_TRANSITION_ERRORS = {
+    et.HANDOVER_REQUESTED: ("handover_pending", "A human was already requested or holds it."),
+    et.HANDOVER_CLAIMED: ("already_claimed", "Another operator already holds this session."),
+    et.HANDOVER_RELEASED: ("not_claimed", "No human holds this session."),
+    et.SESSION_CLOSED: ("session_closed", "The session is already closed."),
+}
+
+
+def append_events(
+    *,
+    session_id: str,
+    author: Author,
+    events: Sequence[EventInput],
+    system: bool = False,
+) -> list[AppendResult]:
+    """Append events atomically; the one place seqs are allocated.
+
+    `system=True` is for the server's own events (presence, handover, diagnostics): it may use
+    server-only types and write to closed sessions. A repeated `client_ref` of the same author
+    returns the original seq and stores nothing; a concurrent duplicate that loses the race on the
+    unique constraint is retried once and then found.
+    """
+    if not events:
+        return []
+    if not system:
+        for item in events:
+            _check_author_may_publish(author, item)
+    refs = [item.client_ref for item in events if item.client_ref]
+    if len(refs) != len(set(refs)):
+        raise invalid("The same client_ref appears twice in one batch.")
+    for attempt in range(2):
+        try:
+            with transaction.atomic():
+                return _append_locked(session_id, author, events, system)
+        except IntegrityError:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _append_locked(
+    session_id: str, author: Author, events: Sequence[EventInput], system: bool
+) -> list[AppendResult]:
+    existing: dict[str, Event] = {}
+    refs = [item.client_ref for item in events if item.client_ref]
+    if refs:
+        existing = {
+            e.client_ref: e
+            for e in Event.objects.filter(
+                session_id=session_id,
+                author_kind=author.kind,
+                author_id=author.id,
+                client_ref__in=refs,
+            ).only("id", "seq", "message_id", "client_ref")
+        }
+    fresh = [item for item in events if not (item.client_ref and item.client_ref in existing)]
+    if not fresh:
+        if not Session.objects.filter(pk=session_id).exists():
+            raise not_found()
+        return [_duplicate_result(existing[item.client_ref]) for item in events]  # type: ignore[index]
+
+    now = timezone.now()
+    head, status, controller = _allocate(session_id, len(fresh), now)
+    first_seq = head - len(fresh) + 1
+    if status == et.STATUS_CLOSED and not system:
+        raise conflict("session_closed", "The session is closed.")
+    if (
+        status == et.STATUS_WITH_HUMAN
+        and author.kind == et.KIND_AGENT
+        and any(item.type in et.MESSAGE_TYPES for item in fresh)
+    ):
+        raise conflict("controlled_by_human", "A human operator holds this session.")
+
+    new_status, new_controller = status, controller
+    rows: list[Event] = []
+    message_events: list[tuple[EventInput, Event]] = []
+    for offset, item in enumerate(fresh):
+        message_id = item.message_id
+        if item.type == et.MESSAGE_CREATE and not message_id:
+            message_id = new_message_id()
+        row = Event(
+            id=new_event_id(),
+            session_id=session_id,
+            seq=first_seq + offset,
+            type=item.type,
+            message_id=message_id,
+            author_kind=author.kind,
+            author_id=author.id,
+            author_name=author.name,
+            data=item.data,
+            visibility=_visibility_for(item.type),
+            client_ref=item.client_ref,
+            created_at=now,
+        )
+        rows.append(row)
+        if item.type in et.MESSAGE_TYPES:
+            message_events.append((item, row))
+        if item.type in _TRANSITIONS:
+            allowed_from, to = _TRANSITIONS[item.type]
+            if new_status not in allowed_from:
+                raise conflict(*_TRANSITION_ERRORS[item.type])
+            new_status = to
+            if item.type == et.HANDOVER_CLAIMED:
+                new_controller = author.as_dict()
+            elif item.type in (et.HANDOVER_RELEASED, et.SESSION_CLOSED):
+                new_controller = None
+
+    if message_events:
+        _materialize_messages(session_id, message_events, now)
+    Event.objects.bulk_create(rows)
+    if (new_status, new_controller) != (status, controller):
+        Session.objects.filter(pk=session_id).update(status=new_status, controller=new_controller)
+
+    publish_after_commit(session_id, [event_to_wire(row) for row in rows])
+
+    by_ref = {row.client_ref: row for row in rows if row.client_ref}
+    results: list[AppendResult] = []
+    fresh_iter = iter(rows)
+    for item in events:
+        if item.client_ref and item.client_ref in existing:
+            results.append(_duplicate_result(existing[item.client_ref]))
+        else:
+            row = (
+                by_ref[item.client_ref]
+                if item.client_ref
+                else next(r for r in fresh_iter if not r.client_ref)
+            )
+            results.append(AppendResult(row.seq, row.id, row.message_id, duplicate=False))
+    return results
+
+
+def _duplicate_result(event: Event) -> AppendResult:
+    return AppendResult(event.seq, event.id, event.message_id, duplicate=True)
+
+
+def _allocate(session_id: str, count: int, now: datetime) -> tuple[int, str, Any]:
+    """Take the session row lock and `count` seqs in one round trip."""
+    table = Session._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET last_seq = last_seq + %s, updated_at = %s "
+            "WHERE id = %s RETURNING last_seq, status, controller",
+            [count, now, session_id],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise not_found()
+    head, status, controller = row
+    if isinstance(controller, str):  # SQLite returns JSON as text
+        controller = json.loads(controller)
+    return int(head), status, controller
+
+
+def _materialize_messages(
+    session_id: str, message_events: list[tuple[EventInput, Event]], now: datetime
+) -> None:
+    ids = {row.message_id for _, row in message_events}
+    known = {
+        m.message_id: m for m in Message.objects.filter(session_id=session_id, message_id__in=ids)
+    }
+    created: dict[str, Message] = {}
+    changed: dict[str, Message] = {}
+    for item, row in message_events:
+        message_id = row.message_id
+        assert message_id is not None
+        message = created.get(message_id) or known.get(message_id)
+        if item.type == et.MESSAGE_CREATE:
+            if message is not None:
+                raise conflict("message_exists", f"Message {message_id} already exists.")
+            message = Message(
+                session_id=session_id,
+                message_id=message_id,
+                role=item.data["role"],
+                author_kind=row.author_kind,
+                author_id=row.author_id,
+                author_name=row.author_name,
+                content=item.data.get("content") or "",
+                parts=item.data.get("parts"),
+                status=item.data.get("status", et.MESSAGE_STREAMING),
+                version=1,
+                created_seq=row.seq,
+                last_seq=row.seq,
+                created_at=now,
+                updated_at=now,
+            )
+            created[message_id] = message
+            continue
+        if message is None:
+            raise BatonError("message_not_found", f"No message {message_id} in this session.", 404)
+        if (message.author_kind, message.author_id) != (row.author_kind, row.author_id):
+            raise forbidden("Only a message's author may change it.")
+        if item.type == et.MESSAGE_APPEND:
+            if message.status != et.MESSAGE_STREAMING:
+                raise conflict(
+                    "message_not_streaming", f"Message {message_id} is {message.status}."
+                )
+            message.content += item.data["delta"]
+        elif item.type == et.MESSAGE_UPDATE:
+            message.content = item.data["content"]
+            if "parts" in item.data:
+                message.parts = item.data["parts"]
+        elif item.type == et.MESSAGE_COMPLETE:
+            if message.status != et.MESSAGE_STREAMING:
+                raise conflict(
+                    "message_not_streaming", f"Message {message_id} is {message.status}."
+                )
+            message.status = item.data.get("status", et.MESSAGE_COMPLETE_STATUS)
+            message.reason = (item.data.get("reason") or "")[:200]
+        message.version += 1
+        message.last_seq = row.seq
+        message.updated_at = now
+        if message_id not in created:
+            changed[message_id] = message
+    if created:
+        Message.objects.bulk_create(created.values())
+    if changed:
+        Message.objects.bulk_update(
+            changed.values(),
+            ["content", "parts", "status", "reason", "version", "last_seq", "updated_at"],
+        )
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def create_session(
+    *, created_by: Author, title: str = "", metadata: dict[str, Any] | None = None
+) -> Session:
+    if len(title) > 200:
+        raise invalid("'title' is longer than 200 characters.")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise invalid("'metadata' must be a JSON object.")
+    return Session.objects.create(
+        title=title, metadata=metadata or {}, created_by=created_by.as_dict()
+    )
+
+
+# --------------------------------------------------------------------------- presence
+
+
+def _lock_session(session_id: str) -> Session:
+    try:
+        return Session.objects.select_for_update().only("id", "status").get(pk=session_id)
+    except Session.DoesNotExist:
+        raise not_found() from None
+
+
+def _is_member(session_id: str, client_id: str, now: datetime) -> bool:
+    return (
+        Connection.objects.filter(
+            session_id=session_id,
+            client_id=client_id,
+            closed_at__isnull=True,
+            counts_for_presence=True,
+        ).exists()
+        or PresenceLease.objects.filter(
+            session_id=session_id, client_id=client_id, expires_at__gt=now
+        ).exists()
+    )
+
+
+def _member_data(client_id: str, kind: str, name: str, **extra: Any) -> dict[str, Any]:
+    return {"client_id": client_id, "kind": kind, "name": name, **extra}
+
+
+def open_connection(
+    *,
+    session_id: str,
+    author: Author,
+    worker_id: str,
+    after: int,
+    replayed: int,
+    counts_for_presence: bool,
+    user_agent: str = "",
+) -> Connection:
+    """Record an attached connection; the first one of a client_id makes it enter presence."""
+    now = timezone.now()
+    with transaction.atomic():
+        _lock_session(session_id)
+        entering = counts_for_presence and not _is_member(session_id, author.id, now)
+        conn = Connection.objects.create(
+            session_id=session_id,
+            client_id=author.id,
+            kind=author.kind,
+            name=author.name,
+            counts_for_presence=counts_for_presence,
+            worker_id=worker_id,
+            after=after,
+            replayed=replayed,
+            user_agent=user_agent[:300],
+            opened_at=now,
+        )
+        inputs = []
+        if entering:
+            inputs.append(
+                EventInput(et.PRESENCE_ENTER, _member_data(author.id, author.kind, author.name))
+            )
+        lifecycle = et.CONNECTION_RESUMED if after > 0 else et.CONNECTION_OPENED
+        inputs.append(
+            EventInput(
+                lifecycle,
+                {
+                    "connection_id": conn.id,
+                    "client_id": author.id,
+                    "kind": author.kind,
+                    "after": after,
+                    "replayed": replayed,
+                    "worker": worker_id,
+                },
+            )
+        )
+        append_events(session_id=session_id, author=author, events=inputs, system=True)
+    return conn
+
+
+def close_connection(*, connection_id: str, code: int | None, reason: str) -> None:
+    """Close a connection record; the last one of a client_id makes it leave with `reason`."""
+    now = timezone.now()
+    with transaction.atomic():
+        try:
+            conn = Connection.objects.get(pk=connection_id)
+        except Connection.DoesNotExist:
+            return
+        _lock_session(conn.session_id)
+        updated = Connection.objects.filter(pk=connection_id, closed_at__isnull=True).update(
+            closed_at=now, close_code=code, close_reason=reason
+        )
+        if not updated:
+            return  # already closed (e.g. reaped) — never emit a second leave
+        author = Author(kind=conn.kind, id=conn.client_id, name=conn.name)
+        inputs = []
+        if conn.counts_for_presence and not _is_member(conn.session_id, conn.client_id, now):
+            inputs.append(
+                EventInput(
+                    et.PRESENCE_LEAVE,
+                    _member_data(conn.client_id, conn.kind, conn.name, reason=reason),
+                )
+            )
+        inputs.append(
+            EventInput(
+                et.CONNECTION_CLOSED,
+                {
+                    "connection_id": conn.id,
+                    "client_id": conn.client_id,
+                    "code": code,
+                    "reason": reason,
+                    "last_received_seq": conn.last_received_seq,
+                },
+            )
+        )
+        append_events(session_id=conn.session_id, author=author, events=inputs, system=True)
+
+
+def record_delivery_position(*, connection_id: str, seq: int) -> None:
+    """Keep a connection's last acknowledged seq (for the diagnostics view); monotonic."""
+    Connection.objects.filter(pk=connection_id, closed_at__isnull=True).exclude(
+        last_received_seq__gte=seq
+    ).update(last_received_seq=seq, last_received_at=timezone.now())
+
+
+def set_presence_lease(
+    *,
+    session_id: str,
+    author: Author,
+    ttl: float,
+    state: dict[str, Any] | None = None,
+) -> PresenceLease | None:
+    """Enter (or renew) presence for `ttl` seconds; `ttl == 0` leaves at once."""
+    now = timezone.now()
+    with transaction.atomic():
+        _lock_session(session_id)
+        was_member = _is_member(session_id, author.id, now)
+        if ttl <= 0:
+            PresenceLease.objects.filter(session_id=session_id, client_id=author.id).delete()
+            if was_member and not _is_member(session_id, author.id, now):
+                append_events(
+                    session_id=session_id,
+                    author=author,
+                    events=[
+                        EventInput(
+                            et.PRESENCE_LEAVE,
+                            _member_data(author.id, author.kind, author.name, reason="closed"),
+                        )
+                    ],
+                    system=True,
+                )
+            return None
+        lease, _created = PresenceLease.objects.update_or_create(
+            session_id=session_id,
+            client_id=author.id,
+            defaults={
+                "kind": author.kind,
+                "name": author.name,
+                "state": state,
+                "expires_at": now + timedelta(seconds=ttl),
+            },
+            create_defaults={
+                "kind": author.kind,
+                "name": author.name,
+                "state": state,
+                "since": now,
+                "expires_at": now + timedelta(seconds=ttl),
+            },
+        )
+        inputs = []
+        if not was_member:
+            inputs.append(
+                EventInput(et.PRESENCE_ENTER, _member_data(author.id, author.kind, author.name))
+            )
+        elif state is not None:
+            inputs.append(
+                EventInput(
+                    et.PRESENCE_UPDATE,
+                    _member_data(author.id, author.kind, author.name, state=state),
+                )
+            )
+        if inputs:
+            append_events(session_id=session_id, author=author, events=inputs, system=True)
+        return lease
+
+
+def heartbeat_worker(*, worker_id: str) -> None:
+    now = timezone.now()
+    Worker.objects.update_or_create(
+        pk=worker_id,
+        defaults={"heartbeat_at": now},
+        create_defaults={
+            "heartbeat_at": now,
+            "hostname": socket.gethostname()[:200],
+            "pid": os.getpid(),
+        },
+    )
+
+
+def reap_presence(*, now: datetime | None = None, worker_timeout: float | None = None) -> int:
+    """Expire leases and the connections of workers that stopped heart-beating.
+
+    Any surviving worker may run this; each expiry is a `presence.leave` with reason `timeout`
+    exactly once, because closing is a conditional update under the session lock.
+    """
+    now = now or timezone.now()
+    timeout = worker_timeout or settings.BATON_WORKER_TIMEOUT_SECONDS
+    reaped = 0
+    dead_workers = list(
+        Worker.objects.filter(heartbeat_at__lt=now - timedelta(seconds=timeout)).values_list(
+            "id", flat=True
+        )
+    )
+    if dead_workers:
+        stale = Connection.objects.filter(
+            worker_id__in=dead_workers, closed_at__isnull=True
+        ).values_list("id", flat=True)
+        for connection_id in list(stale):
+            close_connection(connection_id=connection_id, code=None, reason=et.LEAVE_TIMEOUT)
+            reaped += 1
+        Worker.objects.filter(pk__in=dead_workers).exclude(
+            pk__in=Connection.objects.filter(closed_at__isnull=True).values("worker_id")
+        ).delete()
+    for lease in list(PresenceLease.objects.filter(expires_at__lte=now)):
+        with transaction.atomic():
+            _lock_session(lease.session_id)
+            deleted, _ = PresenceLease.objects.filter(pk=lease.pk, expires_at__lte=now).delete()
+            if not deleted or _is_member(lease.session_id, lease.client_id, now):
+                continue
+            append_events(
+                session_id=lease.session_id,
+                author=Author(kind=lease.kind, id=lease.client_id, name=lease.name),
+                events=[
+                    EventInput(
+                        et.PRESENCE_LEAVE,
+                        _member_data(lease.client_id, lease.kind, lease.name, reason="timeout"),
+                    )
+                ],
+                system=True,
+            )
+            reaped += 1
+    return reaped
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def hash_agent_key(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def create_agent_key(*, name: str) -> tuple[AgentKey, str]:
+    """Create a key and return it with its raw value, which is never stored or shown again."""
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise invalid("An agent key needs a name of 1 to 100 characters.")
+    raw = f"bk_{secrets.token_urlsafe(32)}"
+    try:
+        with transaction.atomic():
+            key = AgentKey.objects.create(name=name, prefix=raw[:10], key_hash=hash_agent_key(raw))
+    except IntegrityError:
+        raise conflict("conflict", f"An agent key named {name!r} already exists.") from None
+    return key, raw
+

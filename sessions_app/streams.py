@@ -1,0 +1,174 @@
+"""A subscription: history then live, each visible event exactly once, in order, no gap.
+
+Shared by the WebSocket consumer and the SSE endpoint. The order of operations is what makes
+the guarantee: join the hub's feed first, then read the head and replay (after, head] from the
+database, then serve live events, dropping any at or below the position already sent and
+back-filling from the database if a hole ever shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from sessions_app import event_types as et
+from sessions_app.errors import BatonError
+from sessions_app.hub import Hub, WireEvent, get_hub
+from sessions_app.selectors import get_head, get_message_snapshot, list_events, type_matcher
+from sessions_app.wire import event_to_wire, message_to_wire
+
+
+class SlowConsumer(Exception):
+    """The connection fell more than the buffer limit behind; it should resume with `after`."""
+
+
+def events_frame(events: Sequence[WireEvent]) -> str:
+    """One `events` frame from pre-encoded events: no per-connection JSON encoding."""
+    return '{"op":"events","events":[' + ",".join(e.json for e in events) + "]}"
+
+
+class Subscription:
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        after: int,
+        types: Sequence[str] | None,
+        include_private: bool,
+        max_buffer: int | None = None,
+        hub: Hub | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.after = after
+        self.types = types
+        self.include_private = include_private
+        self.matches = type_matcher(types)
+        self.max_buffer = max_buffer or settings.BATON_MAX_BUFFERED_EVENTS
+        self.hub = hub or get_hub()
+        self.position = after  # highest seq already handled (sent or filtered out)
+        self.head = after
+        self.buffer: deque[WireEvent] = deque()
+        self.ephemeral: deque[dict[str, Any]] = deque()
+        self.wake = asyncio.Event()
+        self.overflowed = False
+        self.joined = False
+        self.replayed = 0
+        self.snapshot: dict[str, Any] | None = None
+
+    # -- called by the hub's feed, on the event loop
+    def push(self, events: list[WireEvent]) -> None:
+        if self.overflowed:
+            return
+        self.buffer.extend(events)
+        if len(self.buffer) > self.max_buffer:
+            self.overflowed = True
+            self.buffer.clear()
+        self.wake.set()
+
+    def push_ephemeral(self, payload: dict[str, Any]) -> None:
+        if len(self.ephemeral) < 1000:
+            self.ephemeral.append(payload)
+            self.wake.set()
+
+    def visible(self, event: WireEvent) -> bool:
+        if not self.include_private and event.visibility != et.VISIBILITY_ALL:
+            return False
+        return self.matches is None or self.matches(event.type)
+
+    async def open(self, *, snapshot: bool = False) -> int:
+        """Join the feed, then fix the head. Raises `bad_after` if `after` is past the head."""
+        await self.hub.subscribe(self.session_id, self)
+        self.joined = True
+        try:
+            if snapshot:
+                seq, messages = await database_sync_to_async(get_message_snapshot)(
+                    session_id=self.session_id
+                )
+                self.snapshot = {
+                    "op": "snapshot",
+                    "seq": seq,
+                    "messages": [message_to_wire(m) for m in messages],
+                }
+                head = seq
+            else:
+                head = await database_sync_to_async(get_head)(self.session_id)
+                if head is None:
+                    raise BatonError("not_found", "No such session.", 404)
+            if self.after > head:
+                raise BatonError(
+                    "bad_after", f"'after' is {self.after} but the session head is {head}.", 400
+                )
+        except BaseException:
+            self.close()
+            raise
+        self.head = head
+        if snapshot:
+            self.position = max(self.position, head)
+        return head
+
+    async def history(self) -> AsyncIterator[list[WireEvent]]:
+        """Pages of (position, head] from the database."""
+        page = settings.BATON_REPLAY_PAGE
+        while self.position < self.head:
+            rows = await database_sync_to_async(list_events)(
+                session_id=self.session_id,
+                after=self.position,
+                upto=self.head,
+                limit=page,
+                types=self.types,
+                include_private=self.include_private,
+            )
+            if not rows:
+                self.position = self.head
+                break
+            self.position = self.head if len(rows) < page else rows[-1].seq
+            batch = [WireEvent.from_dict(event_to_wire(r)) for r in rows]
+            self.replayed += len(batch)
+            yield batch
+
+    async def next_live(self) -> tuple[list[WireEvent], list[dict[str, Any]]]:
+        """Wait for live events; returns (visible events in order, ephemeral payloads)."""
+        while True:
+            if self.overflowed:
+                raise SlowConsumer()
+            if self.buffer or self.ephemeral:
+                break
+            self.wake.clear()
+            await self.wake.wait()
+        ephemeral = list(self.ephemeral)
+        self.ephemeral.clear()
+        pending = list(self.buffer)
+        self.buffer.clear()
+        out: list[WireEvent] = []
+        for event in pending:
+            if event.seq <= self.position:
+                continue
+            if event.seq > self.position + 1:
+                out.extend(await self._backfill(event.seq - 1))
+            self.position = event.seq
+            if self.visible(event):
+                out.append(event)
+        return out, ephemeral
+
+    async def _backfill(self, upto: int) -> list[WireEvent]:
+        """A safety net: the feed is contiguous, but never trust a hole to be harmless."""
+        rows = await database_sync_to_async(list_events)(
+            session_id=self.session_id,
+            after=self.position,
+            upto=upto,
+            limit=upto - self.position,
+            types=self.types,
+            include_private=self.include_private,
+        )
+        self.position = upto
+        return [WireEvent.from_dict(event_to_wire(r)) for r in rows]
+
+    def close(self) -> None:
+        if self.joined:
+            self.hub.unsubscribe(self.session_id, self)
+            self.joined = False
