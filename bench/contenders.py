@@ -55,6 +55,7 @@ class Contender:
     server: str  # "uvicorn" | "daphne" | "websockets"
     db: str | None = None  # "sqlite" | "postgres"
     workers: int = 1
+    settings: str = "project.settings"
     loop: str = "uvloop"
     workdir: Path = field(default_factory=lambda: ROOT / "bench" / "results")
     token: str | None = None
@@ -80,7 +81,7 @@ class Contender:
         if self.kind == "plain":
             env["DJANGO_SETTINGS_MODULE"] = "bench.plainchannels.settings"
         if self.kind == "baton":
-            env["DJANGO_SETTINGS_MODULE"] = "project.settings"
+            env["DJANGO_SETTINGS_MODULE"] = self.settings
             env["SECRET_KEY"] = "baton-bench-secret-not-for-production-0123456789"
             if self.db == "postgres":
                 env["DATABASE_URL"] = f"{PG_DSN}/{PG_DB}"
@@ -215,6 +216,14 @@ def all_contenders(workdir: Path, loop: str) -> dict[str, Contender]:
         Contender("a-daphne", "Baton embedded (SQLite, daphne)", "baton", "daphne", "sqlite"),
         Contender(
             "b", "Baton production (Postgres+Redis, 2 uvicorn)", "baton", "uvicorn", "postgres", 2
+        ),
+        Contender(
+            "a-keepconn",
+            "Experiment: Baton embedded, persistent SQLite connection (uvicorn)",
+            "baton",
+            "uvicorn",
+            "sqlite",
+            settings="bench.keepconn_settings",
         ),
         Contender("c", "Plain Channels group_send (uvicorn)", "plain", "uvicorn"),
         Contender("d", "Raw websockets broadcast", "raw", "websockets"),

@@ -524,20 +524,37 @@ async def run_idle(cfg: dict[str, Any], target: Target) -> None:
             await attach(ws)
             return ws
 
+    per_session = int(cfg.get("sockets_per_session", 1))
     try:
         for n in cfg["stages"]:
             need = int(n) - len(conns)
             t = time.monotonic()
+            created_s = 0.0
             if need > 0:
-                ids = await target.create_sessions(need, concurrency=32)
+                n_sessions = -(-need // per_session)
+                ids = await target.create_sessions(n_sessions, concurrency=32)
+                created_s = time.monotonic() - t
                 base = len(conns)
-                new = await asyncio.gather(*(one(sid, base + i) for i, sid in enumerate(ids)))
+                new = await asyncio.gather(
+                    *(one(ids[i // per_session], base + i) for i in range(need))
+                )
                 conns.extend(new)
                 tasks.extend(asyncio.create_task(drain(ws)) for ws in new)
-            log(f"{len(conns)} idle sockets open in {time.monotonic() - t:.1f}s")
+            open_s = time.monotonic() - t
+            log(f"{len(conns)} idle sockets open in {open_s:.1f}s (sessions {created_s:.1f}s)")
             await asyncio.sleep(float(cfg.get("settle_s", 2.0)))
             alive = sum(1 for ws in conns if ws.close_code is None)
-            emit({"event": "sync", "name": "idle", "n": len(conns), "alive": alive})
+            emit(
+                {
+                    "event": "sync",
+                    "name": "idle",
+                    "n": len(conns),
+                    "alive": alive,
+                    "open_s": open_s,
+                    "sessions_s": created_s,
+                    "opened": need,
+                }
+            )
             await wait_stdin()
     finally:
         for t in tasks:

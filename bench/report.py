@@ -37,6 +37,13 @@ def us_per_event(step: dict[str, Any], group: str = "server") -> float | None:
     return server_cpu(step, group) / delivered * 1e6
 
 
+def other_cores(step: dict[str, Any]) -> float:
+    """Machine CPU not spent by metered processes or the generator: kernel softirq for loopback
+    traffic, and anything else running on the shared machine at the time."""
+    metered = sum(sum(v) for v in step["server_cpu_s"].values()) / step["window_s"]
+    return step["machine_busy_cores"] - metered - step["generator_cpu_cores"]
+
+
 def gen_flag(step: dict[str, Any] | None) -> str:
     if step and step.get("generator_cpu_cores", 0) > GEN_BOUND:
         return " (G)"
@@ -298,7 +305,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "Per step: offered and delivered deliveries/s, latency percentiles over the measurement "
         "window, events per frame (coalescing), CPU of each metered process group as cores, "
         "µs of server CPU per delivered event, the generator's CPU, and the whole machine's busy "
-        "cores."
+        "cores. *Other procs* is machine CPU that none of the metered processes used: the "
+        "kernel's loopback networking and whatever else ran on the shared machine then."
     )
     for c in cs.values():
         steps = c.get("steps")
@@ -309,9 +317,10 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         add("")
         add(
             "| S | offered/s | delivered/s | p50 ms | p99 ms | max ms | events/frame | "
-            "server cores | µs/event | gen cores | machine cores | errors/closes | held |"
+            "server cores | µs/event | gen cores | machine cores | other procs cores | "
+            "errors/closes | held |"
         )
-        add("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         rows = list(steps)
         if c.get("half") and not c["half"].get("from_ramp"):
             rows.append({**c["half"], "_half": True})
@@ -326,7 +335,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
                 f"| {fmt(s['lat_p50_ms'], 1)} | {fmt(s['lat_p99_ms'], 1)} "
                 f"| {fmt(s['lat_max_ms'], 0)} | {fmt(epf, 2)} | {groups} "
                 f"| {cpu_cell(s)} | {fmt(s['generator_cpu_cores'], 2)}{gen_flag(s)} "
-                f"| {fmt(s['machine_busy_cores'], 2)} | {errs}/{s['closed_connections']} "
+                f"| {fmt(s['machine_busy_cores'], 2)} | {fmt(other_cores(s), 2)} "
+                f"| {errs}/{s['closed_connections']} "
                 f"| {'yes' if s.get('within_knee') else 'no'} |"
             )
     add("")
@@ -354,19 +364,28 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     add("## Idle connections")
     add("")
     add(
-        "Each idle socket is attached to its own session (the worst case for per-session state). "
+        f"Each session gets {plan.get('idle_per_session', 1)} idle attached socket(s) "
+        "(1 is the worst case for per-session state). "
         "RSS is the sum of VmRSS of the server processes, read after the sockets settled; the "
         "per-socket figure is the growth from a warm baseline (20 sockets open) divided by the "
         "sockets added. Postgres/Redis memory for (b) is not included."
     )
     add("")
-    add("| contender | sockets | alive | server RSS MiB | KiB per socket over baseline |")
-    add("|---|---|---|---|---|")
+    add(
+        "| contender | sockets | alive | server RSS MiB | KiB per socket over baseline | "
+        "time to open the stage (s; creating sessions) |"
+    )
+    add("|---|---|---|---|---|---|")
     for c in cs.values():
         for r in c.get("idle", []):
+            opened = (
+                f"{fmt(r.get('open_s'), 1)} ({fmt(r.get('sessions_s'), 1)})"
+                if r.get("open_s") is not None
+                else "n/a"
+            )
             add(
                 f"| {c['label']} | {r['n']} | {r['alive']} | {r['rss'] / 2**20:.1f} | "
-                f"{fmt(idle_per_socket(c['idle'], r['n']), 1)} |"
+                f"{fmt(idle_per_socket(c['idle'], r['n']), 1)} | {opened} |"
             )
     add("")
 

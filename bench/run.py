@@ -43,15 +43,16 @@ class Plan:
     idle_stages: list[int]
     persist_sessions: int
     persist_window_s: float
+    idle_per_session: int = 1
     rate: float = 50.0
     knee_max_p99_ms: float = 500.0
     knee_min_ratio: float = 0.9
 
 
 FULL = Plan(
-    contenders=["a-uvicorn", "a-daphne", "b", "c", "d"],
+    contenders=["a-uvicorn", "a-daphne", "b", "c", "d", "a-keepconn"],
     k=10,
-    steps=[2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128],
+    steps=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128],
     warmup_s=1.5,
     window_s=4.0,
     half_window_s=8.0,
@@ -64,7 +65,7 @@ FULL = Plan(
 QUICK = Plan(
     contenders=["a-uvicorn", "c", "d"],
     k=5,
-    steps=[2, 8, 24],
+    steps=[1, 4, 16],
     warmup_s=0.5,
     window_s=1.5,
     half_window_s=None,
@@ -73,6 +74,7 @@ QUICK = Plan(
     idle_stages=[20, 1000],
     persist_sessions=4,
     persist_window_s=3.0,
+    idle_per_session=4,
 )
 
 # Which workloads each contender gets; (c) and (d) keep nothing, so there is nothing to resume
@@ -81,6 +83,7 @@ WORKLOADS = {
     "a-uvicorn": ["fanout", "half", "resume", "idle", "persist"],
     "a-daphne": ["fanout", "half", "resume", "idle"],
     "b": ["fanout", "half", "resume", "idle", "persist"],
+    "a-keepconn": ["fanout", "half", "resume", "persist"],
     "c": ["fanout", "half", "idle"],
     "d": ["fanout", "half", "idle"],
 }
@@ -174,10 +177,24 @@ class Bench:
 
         def on_sync(obj: dict[str, Any]) -> None:
             rss = [rss_bytes(p) or 0 for p in c.pids]
-            readings.append({"n": obj["n"], "alive": obj["alive"], "rss": sum(rss)})
+            readings.append(
+                {
+                    "n": obj["n"],
+                    "alive": obj["alive"],
+                    "rss": sum(rss),
+                    "open_s": obj.get("open_s"),
+                    "sessions_s": obj.get("sessions_s"),
+                    "opened": obj.get("opened"),
+                }
+            )
             log(f"  idle {obj['n']} sockets ({obj['alive']} alive): RSS {sum(rss) / 2**20:.1f} MiB")
 
-        cfg = {**self.base_cfg(c), "mode": "idle", "stages": self.plan.idle_stages}
+        cfg = {
+            **self.base_cfg(c),
+            "mode": "idle",
+            "stages": self.plan.idle_stages,
+            "sockets_per_session": self.plan.idle_per_session,
+        }
         run_loadgen(cfg, self.gen_log, on_sync)
         return readings
 
