@@ -184,6 +184,41 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "more headroom than shown. All traffic is on 127.0.0.1; WebSocket compression is off."
     )
     add("")
+    add("Contenders (each a subprocess started by the harness, every one on 127.0.0.1):")
+    add("")
+    add(
+        "- **a** Baton embedded: `python -m uvicorn project.asgi:application` (and `daphne` for "
+        "the same app), SQLite file + `InMemoryChannelLayer`, one process. Agents and "
+        "subscribers authenticate with an agent key (`create_agent_key`), subscribers with "
+        "their own `client_id`."
+    )
+    add(
+        "- **b** Baton production: Postgres (`DATABASE_URL`, a fresh `baton_bench` database) + "
+        "Redis (`REDIS_URL`, db 9) channel layer, 2 uvicorn processes on 2 ports; each session's "
+        "agent and subscribers are spread over both, so fan-out crosses Redis."
+    )
+    add(
+        "- **c** a plain Django Channels consumer (`bench/plainchannels/`): `group_send` per "
+        "message, one channel-layer message and one JSON encode per subscriber, no persistence, "
+        "same uvicorn."
+    )
+    add(
+        "- **d** a raw `websockets` server (`bench/wsbroadcast.py`): one JSON encode per event "
+        "and `websockets.broadcast`, no Django, no persistence: the Python ceiling."
+    )
+    if "a-keepconn" in cs:
+        add(
+            "- **a-keepconn** (experiment, not a contender): (a) with a bench-side settings "
+            "module (`bench/keepconn_settings.py`) that changes only SQLite's `CONN_MAX_AGE` "
+            "from 0 to persistent, to price the per-call connection churn the profile shows."
+        )
+    add("")
+    add(
+        "Reproduce: `make bench` (this file and `docs/bench-*.png`) or `make bench-quick` "
+        "(a < 2 min smoke run into `bench/results/quick.md`); raw numbers land in "
+        "`bench/results/*.json` and `python -m bench.run --from-json FILE --out FILE` re-renders."
+    )
+    add("")
     add("## Summary")
     add("")
     add(
@@ -373,9 +408,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     add("")
     add(
         "| contender | sockets | alive | server RSS MiB | KiB per socket over baseline | "
-        "time to open the stage (s; creating sessions) |"
+        "server CPU while idle (cores) | time to open the stage (s; creating sessions) |"
     )
-    add("|---|---|---|---|---|---|")
+    add("|---|---|---|---|---|---|---|")
     for c in cs.values():
         for r in c.get("idle", []):
             opened = (
@@ -385,7 +420,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             )
             add(
                 f"| {c['label']} | {r['n']} | {r['alive']} | {r['rss'] / 2**20:.1f} | "
-                f"{fmt(idle_per_socket(c['idle'], r['n']), 1)} | {opened} |"
+                f"{fmt(idle_per_socket(c['idle'], r['n']), 1)} | {fmt(r.get('idle_cores'), 2)} "
+                f"| {opened} |"
             )
     add("")
 
@@ -415,6 +451,33 @@ def write_report(results: dict[str, Any], out: Path) -> None:
                 f"{detail} |"
             )
     add("")
+    profiled = [c for c in cs.values() if c.get("profile")]
+    if profiled:
+        add("## Where Baton's time goes (py-spy)")
+        add("")
+        add(
+            "A separate run (not timed) samples the first server process with `py-spy record "
+            "--threads --nonblocking` at 100 Hz while it serves S=1 session x K subscribers. "
+            "*Busy* is the share of sampling ticks in which a thread was running (not idle); the "
+            "table gives each function's inclusive share of all samples (thread-pool, asgiref "
+            "and server-startup frames omitted)."
+        )
+        for c in profiled:
+            p = c["profile"]
+            busy = ", ".join(f"{k} {v:.0%}" for k, v in p["threads_busy"].items())
+            st = p["step"]
+            add("")
+            add(
+                f"### {c['label']}: {p['samples']} samples in {p['seconds']} s; busy: {busy}; "
+                f"delivered {st['delivered_per_s']:.0f}/s, p99 {fmt(st['lat_p99_ms'], 1)} ms "
+                "under the sampler"
+            )
+            add("")
+            add("| share | function |")
+            add("|---|---|")
+            for share, name in p["top"]:
+                add(f"| {share:.0%} | `{name}` |")
+        add("")
     extra = results.get("notes")
     if extra:
         add("## Notes")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.contenders import PG_DB, PG_DSN, ROOT, Contender, all_contenders
-from bench.procstat import rss_bytes
+from bench.procstat import cpu_seconds, rss_bytes
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Plan:
     persist_sessions: int
     persist_window_s: float
     idle_per_session: int = 1
+    profile: bool = True
     rate: float = 50.0
     knee_max_p99_ms: float = 500.0
     knee_min_ratio: float = 0.9
@@ -75,14 +76,15 @@ QUICK = Plan(
     persist_sessions=4,
     persist_window_s=3.0,
     idle_per_session=4,
+    profile=False,
 )
 
 # Which workloads each contender gets; (c) and (d) keep nothing, so there is nothing to resume
 # and no commit to count.
 WORKLOADS = {
-    "a-uvicorn": ["fanout", "half", "resume", "idle", "persist"],
+    "a-uvicorn": ["fanout", "half", "resume", "idle", "profile", "persist"],
     "a-daphne": ["fanout", "half", "resume", "idle"],
-    "b": ["fanout", "half", "resume", "idle", "persist"],
+    "b": ["fanout", "half", "resume", "idle", "profile", "persist"],
     "a-keepconn": ["fanout", "half", "resume", "persist"],
     "c": ["fanout", "half", "idle"],
     "d": ["fanout", "half", "idle"],
@@ -176,12 +178,18 @@ class Bench:
         readings: list[dict[str, Any]] = []
 
         def on_sync(obj: dict[str, Any]) -> None:
+            # CPU the server burns with only idle sockets (heartbeats, head checks), over 3 s.
+            cpu0 = [cpu_seconds(p) or 0.0 for p in c.pids]
+            time.sleep(3.0)
+            cpu1 = [cpu_seconds(p) or 0.0 for p in c.pids]
+            idle_cores = sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / 3.0
             rss = [rss_bytes(p) or 0 for p in c.pids]
             readings.append(
                 {
                     "n": obj["n"],
                     "alive": obj["alive"],
                     "rss": sum(rss),
+                    "idle_cores": idle_cores,
                     "open_s": obj.get("open_s"),
                     "sessions_s": obj.get("sessions_s"),
                     "opened": obj.get("opened"),
@@ -271,6 +279,36 @@ class Bench:
             "errors": step["errors"],
         }
 
+    def profile(self, c: Contender) -> dict[str, Any] | None:
+        """py-spy on the server at a load it holds (S=1, K) for a few seconds."""
+        from bench import profile
+
+        seconds = 10
+        c.start()
+        try:
+            raw = self.workdir / f"{c.key}.pyspy.txt"
+            spy = profile.start(c.pids[0], seconds, raw)
+            if spy is None:
+                return None
+            cfg = {
+                **self.base_cfg(c),
+                "mode": "fanout",
+                "k": self.plan.k,
+                "steps": [1],
+                "warmup_s": 0.5,
+                "window_s": seconds,
+                "stop_after_knee": False,
+            }
+            (step,) = run_loadgen(cfg, self.gen_log)
+            spy.wait(timeout=60)
+        finally:
+            c.stop()
+        if not raw.exists():
+            return None
+        out = profile.summarize(raw, seconds)
+        out["step"] = {k: step[k] for k in ("s", "k", "delivered_per_s", "lat_p99_ms")}
+        return out
+
     def run_contender(self, c: Contender, results: dict[str, Any]) -> None:
         todo = WORKLOADS[c.key]
         res: dict[str, Any] = {"label": c.label, "key": c.key}
@@ -310,6 +348,8 @@ class Bench:
                 res["idle"] = self.idle(c)
             finally:
                 c.stop()
+        if "profile" in todo and self.plan.profile:
+            res["profile"] = self.profile(c)
         if "persist" in todo:
             res["persist"] = self.persist(c)
             log(f"{c.key}: {res['persist']['commits_per_token']} commits per token")
