@@ -84,7 +84,7 @@ class Target:
             url += f"?token={self.token}&client_id={client_id}"
         return url
 
-    async def create_sessions(self, n: int, concurrency: int = 16) -> list[str]:
+    async def create_sessions(self, n: int, concurrency: int = 4) -> list[str]:
         """Baton sessions go through the public REST API; the others accept any id."""
         if not self.baton:
             run = uuid.uuid4().hex[:8]
@@ -337,6 +337,8 @@ async def run_fanout(cfg: dict[str, Any], target: Target) -> None:
     min_ratio = float(cfg.get("knee_min_ratio", 0.9))
     max_p99 = float(cfg.get("knee_max_p99_ms", 500))
     sync = bool(cfg.get("sync", False))
+    retries = int(cfg.get("noisy_retries", 2))
+    noisy = float(cfg.get("noisy_other_cores", 0.3))
     stats = Stats()
     sem = asyncio.Semaphore(int(cfg.get("connect_concurrency", 64)))
     sessions: list[SessionLoad] = []
@@ -366,61 +368,81 @@ async def run_fanout(cfg: dict[str, Any], target: Target) -> None:
             if sync:
                 emit({"event": "sync", "name": "window_start", "s": s_target})
                 await wait_stdin()
-            pids = resolve_pids(cfg.get("pids", {}))
-            cpu = CpuWindow(pids)
-            stats.reset()
-            stats.errors.clear()
-            closes_before = sum(stats.closes.values())
-            lag.clear()
-            gen0 = os.times()
-            cpu.start()
-            t0 = time.monotonic()
-            stats.window = True
-            await asyncio.sleep(window)
-            stats.window = False
-            t1 = time.monotonic()
-            cpu_res = cpu.stop()
-            gen1 = os.times()
-            elapsed = t1 - t0
-            lat = sorted(stats.lat)
-            lag_sorted = sorted(lag)
-            offered = s_target * rate * k
-            delivered_rate = stats.delivered / elapsed
-            p99 = percentile(lat, 0.99)
-            gen_cpu = (gen1.user + gen1.system - gen0.user - gen0.system) / elapsed
-            result = {
-                "event": "step",
-                "s": s_target,
-                "k": k,
-                "rate": rate,
-                "window_s": elapsed,
-                "setup_s": setup_s,
-                "offered_publish_per_s": s_target * rate,
-                "published_per_s": stats.published / elapsed,
-                "acks_per_s": stats.acks / elapsed,
-                "offered_deliveries_per_s": offered,
-                "delivered_per_s": delivered_rate,
-                "frames_per_s": stats.frames / elapsed,
-                "lat_p50_ms": (percentile(lat, 0.5) or 0) / 1000 if lat else None,
-                "lat_p90_ms": (percentile(lat, 0.9) or 0) / 1000 if lat else None,
-                "lat_p99_ms": (p99 or 0) / 1000 if lat else None,
-                "lat_max_ms": lat[-1] / 1000 if lat else None,
-                "samples": len(lat),
-                "errors": dict(stats.errors),
-                "closed_connections": sum(stats.closes.values()) - closes_before,
-                "close_codes": dict(stats.closes),
-                "server_cpu_s": cpu_res["cpu_s"],
-                "machine_busy_cores": cpu_res["machine_busy_cores"],
-                "generator_cpu_cores": gen_cpu,
-                "generator_loop_lag_p99_ms": percentile(lag_sorted, 0.99),
-            }
-            ok = (
-                delivered_rate >= min_ratio * offered
-                and p99 is not None
-                and p99 / 1000 <= max_p99
-                and result["closed_connections"] == 0
-            )
-            result["within_knee"] = ok
+            # A failed step measured while other programs on the shared machine took a
+            # sizeable share of the CPU is measured again (at most `retries` times): the knee
+            # should be the server's, not a neighbour's. Every attempt is kept in the output.
+            attempts: list[dict[str, Any]] = []
+            for _attempt in range(1 + (0 if sync else retries)):
+                pids = resolve_pids(cfg.get("pids", {}))
+                cpu = CpuWindow(pids)
+                stats.reset()
+                stats.errors.clear()
+                closes_before = sum(stats.closes.values())
+                lag.clear()
+                gen0 = os.times()
+                cpu.start()
+                t0 = time.monotonic()
+                stats.window = True
+                await asyncio.sleep(window)
+                stats.window = False
+                t1 = time.monotonic()
+                cpu_res = cpu.stop()
+                gen1 = os.times()
+                elapsed = t1 - t0
+                lat = sorted(stats.lat)
+                lag_sorted = sorted(lag)
+                offered = s_target * rate * k
+                delivered_rate = stats.delivered / elapsed
+                p99 = percentile(lat, 0.99)
+                gen_cpu = (gen1.user + gen1.system - gen0.user - gen0.system) / elapsed
+                result = {
+                    "event": "step",
+                    "s": s_target,
+                    "k": k,
+                    "rate": rate,
+                    "window_s": elapsed,
+                    "setup_s": setup_s,
+                    "offered_publish_per_s": s_target * rate,
+                    "published_per_s": stats.published / elapsed,
+                    "acks_per_s": stats.acks / elapsed,
+                    "offered_deliveries_per_s": offered,
+                    "delivered_per_s": delivered_rate,
+                    "frames_per_s": stats.frames / elapsed,
+                    "lat_p50_ms": (percentile(lat, 0.5) or 0) / 1000 if lat else None,
+                    "lat_p90_ms": (percentile(lat, 0.9) or 0) / 1000 if lat else None,
+                    "lat_p99_ms": (p99 or 0) / 1000 if lat else None,
+                    "lat_max_ms": lat[-1] / 1000 if lat else None,
+                    "samples": len(lat),
+                    "errors": dict(stats.errors),
+                    "closed_connections": sum(stats.closes.values()) - closes_before,
+                    "close_codes": dict(stats.closes),
+                    "server_cpu_s": cpu_res["cpu_s"],
+                    "machine_busy_cores": cpu_res["machine_busy_cores"],
+                    "generator_cpu_cores": gen_cpu,
+                    "generator_loop_lag_p99_ms": percentile(lag_sorted, 0.99),
+                }
+                ok = (
+                    delivered_rate >= min_ratio * offered
+                    and p99 is not None
+                    and p99 / 1000 <= max_p99
+                    and result["closed_connections"] == 0
+                )
+                result["within_knee"] = ok
+                result["other_cores"] = (
+                    result["machine_busy_cores"]
+                    - sum(sum(v) for v in result["server_cpu_s"].values()) / elapsed
+                    - gen_cpu
+                )
+                attempts.append(result)
+                if ok or result["other_cores"] < noisy:
+                    break
+                log(
+                    f"S={s_target}: failed with {result['other_cores']:.2f} other cores busy; again"
+                )
+            result["attempts"] = [
+                {k: a[k] for k in ("delivered_per_s", "lat_p99_ms", "other_cores", "within_knee")}
+                for a in attempts
+            ]
             if sync:
                 # Stop the agents first so the harness's "after" reading covers exactly the
                 # tokens acked here (the last acks arrive within the grace period).
@@ -532,7 +554,7 @@ async def run_idle(cfg: dict[str, Any], target: Target) -> None:
             created_s = 0.0
             if need > 0:
                 n_sessions = -(-need // per_session)
-                ids = await target.create_sessions(n_sessions, concurrency=32)
+                ids = await target.create_sessions(n_sessions)
                 created_s = time.monotonic() - t
                 base = len(conns)
                 new = await asyncio.gather(
