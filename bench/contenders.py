@@ -10,7 +10,9 @@ Every contender speaks Baton's frames; what differs is the stack behind them:
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -122,6 +124,62 @@ class Contender:
                 Path(f"{self.sqlite_path}{suffix}").unlink(missing_ok=True)
         self.manage("migrate", "--noinput")
         self.token = self.manage("create_agent_key", f"bench-{self.key}").strip().splitlines()[-1]
+        # Keep the migrated database (with the agent key) as a template, so every workload
+        # starts from the same empty state: leftovers of one (say 5,000 connection rows of a
+        # stopped server, which the next server's reaper would spend seconds closing) must not
+        # be billed to the next.
+        if self.db == "postgres":
+            import psycopg
+
+            with psycopg.connect(f"{PG_DSN}/postgres", autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {PG_DB}_tpl")
+                conn.execute(f"CREATE DATABASE {PG_DB}_tpl TEMPLATE {PG_DB}")
+        else:
+            shutil.copyfile(self.sqlite_path, self.template_path)
+
+    @property
+    def template_path(self) -> Path:
+        return self.workdir / f"{self.key}.template.sqlite3"
+
+    def reset(self) -> None:
+        """Back to the freshly migrated database (and an empty Redis db) before a workload."""
+        if self.kind != "baton":
+            return
+        if self.db == "postgres":
+            import psycopg
+            import redis
+
+            with psycopg.connect(f"{PG_DSN}/postgres", autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)")
+                conn.execute(f"CREATE DATABASE {PG_DB} TEMPLATE {PG_DB}_tpl")
+            redis.Redis.from_url(REDIS_URL).flushdb()
+        else:
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.sqlite_path}{suffix}").unlink(missing_ok=True)
+            shutil.copyfile(self.template_path, self.sqlite_path)
+
+    def bulk_sessions(self, n: int) -> list[str]:
+        """Create n sessions through the service layer in a separate process, for idle sockets.
+
+        Under ASGI every REST request runs in a thread of its own, and with Postgres and a
+        non-zero ``CONN_MAX_AGE`` each one leaves a connection behind until garbage collection:
+        thousands of ``POST /sessions`` exhaust ``max_connections``. The idle workload measures
+        sockets, not session creation, so it makes its sessions here instead.
+        """
+        if self.kind != "baton" or n <= 0:
+            return []
+        script = (
+            "import json\n"
+            "from django.db import transaction\n"
+            "from sessions_app.identity import Author\n"
+            "from sessions_app.services import create_session\n"
+            "a = Author(kind='agent', id='bench', name='bench')\n"
+            "with transaction.atomic():\n"
+            f"    ids = [create_session(created_by=a, title='idle').id for _ in range({n})]\n"
+            "print(json.dumps(ids))\n"
+        )
+        out = self.manage("shell", "-c", script)
+        return list(json.loads(out.strip().splitlines()[-1]))
 
     def command(self, port: int, probe: Path | None = None) -> list[str]:
         py = sys.executable
@@ -143,6 +201,8 @@ class Contender:
             "auto",
             "--ws-per-message-deflate",
             "false",
+            "--timeout-graceful-shutdown",
+            "2",
             "--no-access-log",
             "--log-level",
             "warning",
@@ -152,6 +212,7 @@ class Contender:
         return [py, "-m", "uvicorn", *uv_args]
 
     def start(self, probe: Path | None = None) -> None:
+        self.reset()
         self.starts += 1
         self.ports = [free_port() for _ in range(self.workers)]
         for i, port in enumerate(self.ports):
@@ -175,7 +236,7 @@ class Contender:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.procs:
             try:
-                proc.wait(timeout=8)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
@@ -208,6 +269,7 @@ class Contender:
 
             with psycopg.connect(f"{PG_DSN}/postgres", autocommit=True) as conn:
                 conn.execute(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)")
+                conn.execute(f"DROP DATABASE IF EXISTS {PG_DB}_tpl")
 
 
 def all_contenders(workdir: Path, loop: str) -> dict[str, Contender]:

@@ -547,6 +547,7 @@ async def run_idle(cfg: dict[str, Any], target: Target) -> None:
             return ws
 
     per_session = int(cfg.get("sockets_per_session", 1))
+    premade: list[str] = list(cfg.get("session_ids") or [])
     try:
         for n in cfg["stages"]:
             need = int(n) - len(conns)
@@ -554,7 +555,8 @@ async def run_idle(cfg: dict[str, Any], target: Target) -> None:
             created_s = 0.0
             if need > 0:
                 n_sessions = -(-need // per_session)
-                ids = await target.create_sessions(n_sessions)
+                ids = premade[:n_sessions] or await target.create_sessions(n_sessions)
+                del premade[:n_sessions]
                 created_s = time.monotonic() - t
                 base = len(conns)
                 new = await asyncio.gather(

@@ -208,8 +208,14 @@ class Bench:
                 # handlers don't stretch the run; nothing is measured after this point.
                 c.stop()
 
+        t = time.monotonic()
+        premade = c.bulk_sessions(-(-stages[-1] // self.plan.idle_per_session))
+        if premade:
+            dt = time.monotonic() - t
+            log(f"  {len(premade)} sessions made through the service layer in {dt:.1f}s")
         cfg = {
             **self.base_cfg(c),
+            "session_ids": premade,
             "mode": "idle",
             "stages": stages,
             "sockets_per_session": self.plan.idle_per_session,
@@ -335,6 +341,9 @@ class Bench:
             knee = knee_step(res["steps"])
             res["knee"] = knee
             log(f"{c.key}: knee {knee and knee['s']} sessions")
+            if "half" in todo and knee is None and res["steps"]:
+                # Nothing held, not even the lowest load: report that step, marked as such.
+                res["half"] = {**res["steps"][0], "from_ramp": True, "not_held": True}
             if "half" in todo and knee is not None:
                 half_s = max(1, knee["s"] // 2)
                 if self.plan.half_window_s is None:
