@@ -112,12 +112,14 @@ def plots(results: dict[str, Any], out_dir: Path, prefix: str) -> list[str]:
         ys = [s["delivered_per_s"] for s in steps]
         top = max(top, *xs)
         ax.plot(xs, ys, marker="o", label=label)
-    ax.plot([0, top], [0, top], ls=":", color="grey", label="offered = delivered")
+    ax.plot([100, top], [100, top], ls=":", color="grey", label="offered = delivered")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("offered deliveries/s (S sessions x K subscribers x 50 tokens/s)")
     ax.set_ylabel("delivered events/s")
     ax.set_title("Fan-out throughput against load")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left")
+    ax.grid(alpha=0.3, which="both")
     name = f"{prefix}throughput.png"
     fig.tight_layout()
     fig.savefig(out_dir / name, dpi=110)
@@ -133,10 +135,11 @@ def plots(results: dict[str, Any], out_dir: Path, prefix: str) -> list[str]:
         ax.plot(xs, p99, marker="o", color=color, label=f"{label} p99")
         ax.plot(xs, p50, marker=".", ls="--", color=color, label=f"{label} p50")
     ax.set_yscale("log")
+    ax.set_xscale("log")
     ax.set_xlabel("offered deliveries/s")
     ax.set_ylabel("publish -> deliver latency (ms)")
     ax.set_title("Latency against load (open loop)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=5.5, ncol=2, loc="upper left")
     ax.grid(alpha=0.3, which="both")
     name = f"{prefix}latency.png"
     fig.tight_layout()
@@ -150,10 +153,11 @@ def plots(results: dict[str, Any], out_dir: Path, prefix: str) -> list[str]:
         pts = [(x, y) for x, y in pts if y is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_yscale("log")
+    ax.set_xscale("log")
     ax.set_xlabel("offered deliveries/s")
     ax.set_ylabel("server CPU µs per delivered event (all server processes)")
     ax.set_title("CPU cost per delivered event")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="upper right")
     ax.grid(alpha=0.3, which="both")
     name = f"{prefix}cpu.png"
     fig.tight_layout()
