@@ -124,7 +124,9 @@ class SessionListView(APIView):
 class SessionDetailView(APIView):
     @extend_schema(responses=SESSION_SCHEMA)
     def get(self, request: Request, session_id: str) -> Response:
-        authorize(request, session_id, et.CAP_SUBSCRIBE)
+        principal = principal_of(request)
+        if not any(principal.can(cap, session_id) for cap in et.CAPABILITIES):
+            raise forbidden("This credential is for another session.")
         return Response(session_to_wire(selectors.get_session(session_id)))
 
 
@@ -157,6 +159,8 @@ class SessionEventsView(APIView):
         head = selectors.get_head(session_id)
         if head is None:
             selectors.get_session(session_id)  # raises not_found
+        if after > head:
+            raise BatonError("bad_after", f"'after' is {after} but the session head is {head}.")
         events = selectors.list_events(
             session_id=session_id,
             after=after,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import time
@@ -107,11 +108,11 @@ class Feed:
             for sub in list(self.subscribers):
                 sub.push(out)
         if self.pending and self.repair_task is None:
-            self.repair_task = self.hub.loop.create_task(self._repair(max(self.pending) - 1, True))
+            self.repair_task = self.hub.spawn(self._repair(max(self.pending) - 1, True))
 
     def request_repair(self, upto: int) -> None:
         if self.repair_task is None and self.delivered is not None and upto > self.delivered:
-            self.repair_task = self.hub.loop.create_task(self._repair(upto, False))
+            self.repair_task = self.hub.spawn(self._repair(upto, False))
 
     async def _repair(self, upto: int, grace: bool) -> None:
         events: list[dict[str, Any]] = []
@@ -152,8 +153,16 @@ class Hub:
         self.started = False
         self.start_lock = asyncio.Lock()
         self.stats = {"repairs": 0, "repaired_events": 0, "layer_errors": 0}
+        from sessions_app.writer import EventWriter
+
+        self.writer = EventWriter(loop)
 
     # ------------------------------------------------------------------ lifecycle
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Start a hub task in a clean context: never inherit a request's sync-thread context
+        (asgiref would refuse its database calls once that request is over)."""
+        return self.loop.create_task(coro, context=contextvars.Context())
 
     async def ensure_started(self) -> None:
         if self.started:
@@ -163,25 +172,27 @@ class Hub:
                 return
             if self.remote:
                 self.channel_name = await self.layer.new_channel("baton.hub.")
-                self.tasks.append(self.loop.create_task(self._receive_loop()))
-                self.tasks.append(self.loop.create_task(self._send_loop()))
-            self.tasks.append(self.loop.create_task(self._maintenance_loop()))
+                self.tasks.append(self.spawn(self._receive_loop()))
+                self.tasks.append(self.spawn(self._send_loop()))
+            self.tasks.append(self.spawn(self._maintenance_loop()))
             self.started = True
 
     async def shutdown(self) -> None:
-        for task in self.tasks:
+        await self.writer.close()
+        tasks = [*self.tasks, *(f.repair_task for f in self.feeds.values() if f.repair_task)]
+        for task in tasks:
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for feed in self.feeds.values():
-            if feed.repair_task:
-                feed.repair_task.cancel()
+        if tasks:
+            # A layer call may swallow one cancellation (channels-redis receive does); don't hang.
+            await asyncio.wait(tasks, timeout=2)
         self.tasks.clear()
         self.feeds.clear()
         self.started = False
+        if self.remote and hasattr(self.layer, "flush"):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.layer.flush(), 2)  # pub/sub: closes connections
         with contextlib.suppress(Exception):
-            await database_sync_to_async(_forget_worker)(self.worker_id)
+            await asyncio.wait_for(database_sync_to_async(_forget_worker)(self.worker_id), 5)
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -427,7 +438,9 @@ def _publish_now(session_id: str, events: list[dict[str, Any]]) -> None:
         if running is hub.loop:
             hub.publish(session_id, events)
         else:
-            hub.loop.call_soon_threadsafe(hub.publish, session_id, events)
+            hub.loop.call_soon_threadsafe(
+                hub.publish, session_id, events, context=contextvars.Context()
+            )
         return
     # No hub in this process (management command, sync test): reach the others directly.
     layer = get_channel_layer()

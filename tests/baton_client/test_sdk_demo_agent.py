@@ -1,0 +1,83 @@
+"""The demo agent (`python -m baton_client.demo_agent`) as a user of the demo chat sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from baton_client import BatonClient
+
+from .conftest import REPO, LiveServer
+
+
+@pytest.fixture
+def demo_agent(own_server: LiveServer) -> Iterator[subprocess.Popen[bytes]]:
+    """On a server of its own: the demo agent joins every session it can list."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "baton_client.demo_agent",
+            "--url",
+            own_server.url,
+            "--key",
+            own_server.agent_key,
+            "--token-delay",
+            "0.01",
+            "--poll",
+            "0.2",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    yield proc
+    proc.terminate()
+    proc.wait(10)
+
+
+async def test_demo_agent_answers_cancels_and_hands_over(
+    own_server: LiveServer, demo_agent, eventually
+):
+    async with BatonClient(own_server.url, own_server.agent_key) as admin:
+        info = await admin.create_session(title="demo")
+        token = await admin.mint_token(info["id"], "visitor", kind="user", name="Visitor")
+    async with BatonClient(own_server.url, token["token"]) as user_client:
+        user = await user_client.connect(info["id"])
+        await user.wait_for(lambda s: "demo-agent" in s.members, timeout=20)
+        seen: list[dict] = []
+
+        async def read() -> None:
+            async for event in user.events():
+                seen.append(event)
+
+        reading = asyncio.create_task(read())
+
+        def completed() -> list[dict]:
+            return [e for e in seen if e["type"] == "message.complete"]
+
+        await user.send_message("hello there", role="user")
+        await eventually(lambda: len(completed()) == 1, 30)
+        assert completed()[0]["data"]["status"] == "complete"
+        assert any(e["type"] == "progress.tool_call" for e in seen)
+
+        # "stop": cancel the next answer as soon as it starts streaming.
+        await user.send_message("tell me more", role="user")
+        await eventually(
+            lambda: any(
+                e["type"] == "message.append" and e["seq"] > completed()[0]["seq"] for e in seen
+            ),
+            30,
+        )
+        await user.publish("signal.cancel", {"reason": "stop"})
+        await eventually(lambda: len(completed()) == 2, 30)
+        assert completed()[1]["data"]["status"] == "cancelled"
+
+        await user.send_message("I want a human", role="user")
+        await user.wait_for(lambda s: s.status == "awaiting_human", timeout=30)
+        reading.cancel()
+        await user.close()
