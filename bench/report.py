@@ -365,7 +365,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "cores. *Other procs* is machine CPU that none of the metered processes used: the "
         "kernel's loopback networking and whatever else ran on the shared machine then. A "
         "step that failed while other programs used more than 0.3 cores is measured again "
-        "(at most twice) and the last attempt is shown."
+        f"(at most {plan.get('noisy_retries', 2)} more times) and the last attempt is shown."
     )
     for c in cs.values():
         steps = c.get("steps")
@@ -457,7 +457,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     add(
         f"{plan['persist_sessions']} sessions x 1 subscriber stream 50 tokens/s each for "
         f"{plan['persist_window_s']:.0f} s; the counters are read right before the window and "
-        "after it (the agents stop at the window's end, acks get 2 s to arrive, then the server "
+        "after it (the agents stop at the window's end, acks get "
+        f"{plan.get('ack_grace_s', 2.0):.0f} s to arrive, then the server "
         "is stopped before the last reading). SQLite: a trace callback installed by "
         "`bench/sqlite_probe.py` around the unmodified server counts `COMMIT`s and autocommit "
         "writes (write transactions only). Postgres: `pg_stat_database.xact_commit` of the bench "

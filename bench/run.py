@@ -46,6 +46,8 @@ class Plan:
     persist_window_s: float
     idle_per_session: int = 1
     profile: bool = True
+    noisy_retries: int = 2
+    ack_grace_s: float = 2.0
     rate: float = 50.0
     knee_max_p99_ms: float = 500.0
     knee_min_ratio: float = 0.9
@@ -78,6 +80,8 @@ QUICK = Plan(
     persist_window_s=3.0,
     idle_per_session=4,
     profile=False,
+    noisy_retries=0,
+    ack_grace_s=1.0,
 )
 
 # Which workloads each contender gets; (c) and (d) keep nothing, so there is nothing to resume
@@ -154,7 +158,13 @@ class Bench:
         self.gen_log = workdir / "loadgen.log"
 
     def base_cfg(self, c: Contender) -> dict[str, Any]:
-        return {**c.target(), "rate": self.plan.rate, "pids": c.meter_spec()}
+        return {
+            **c.target(),
+            "rate": self.plan.rate,
+            "pids": c.meter_spec(),
+            "noisy_retries": self.plan.noisy_retries,
+            "ack_grace_s": self.plan.ack_grace_s,
+        }
 
     def fanout(self, c: Contender, steps: list[int], window_s: float, stop: bool) -> list[dict]:
         cfg = {
