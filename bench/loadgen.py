@@ -434,7 +434,7 @@ async def run_fanout(cfg: dict[str, Any], target: Target) -> None:
                     - gen_cpu
                 )
                 attempts.append(result)
-                if ok or result["other_cores"] < noisy:
+                if ok or result["other_cores"] < noisy or _attempt == (0 if sync else retries):
                     break
                 log(
                     f"S={s_target}: failed with {result['other_cores']:.2f} other cores busy; again"
@@ -548,6 +548,7 @@ async def run_idle(cfg: dict[str, Any], target: Target) -> None:
 
     per_session = int(cfg.get("sockets_per_session", 1))
     premade: list[str] = list(cfg.get("session_ids") or [])
+    budget = float(cfg.get("open_budget_s") or 0)
     try:
         for n in cfg["stages"]:
             need = int(n) - len(conns)
@@ -559,11 +560,20 @@ async def run_idle(cfg: dict[str, Any], target: Target) -> None:
                 del premade[:n_sessions]
                 created_s = time.monotonic() - t
                 base = len(conns)
-                new = await asyncio.gather(
-                    *(one(ids[i // per_session], base + i) for i in range(need))
-                )
-                conns.extend(new)
-                tasks.extend(asyncio.create_task(drain(ws)) for ws in new)
+                # Open in chunks so a time budget (quick mode on a busy machine) can stop the
+                # stage early; the report then shows how many sockets were really open.
+                for lo in range(0, need, 100):
+                    if budget and time.monotonic() - t > budget:
+                        log(f"open budget of {budget}s spent: stage stops at {len(conns)}")
+                        break
+                    new = await asyncio.gather(
+                        *(
+                            one(ids[i // per_session], base + i)
+                            for i in range(lo, min(need, lo + 100))
+                        )
+                    )
+                    conns.extend(new)
+                    tasks.extend(asyncio.create_task(drain(ws)) for ws in new)
             open_s = time.monotonic() - t
             log(f"{len(conns)} idle sockets open in {open_s:.1f}s (sessions {created_s:.1f}s)")
             await asyncio.sleep(float(cfg.get("settle_s", 2.0)))
@@ -573,10 +583,11 @@ async def run_idle(cfg: dict[str, Any], target: Target) -> None:
                     "event": "sync",
                     "name": "idle",
                     "n": len(conns),
+                    "planned": int(n),
                     "alive": alive,
                     "open_s": open_s,
                     "sessions_s": created_s,
-                    "opened": need,
+                    "opened": len(conns),
                 }
             )
             await wait_stdin()

@@ -78,12 +78,16 @@ def cpu_cell(step: dict[str, Any] | None) -> str:
 
 
 def idle_per_socket(readings: list[dict[str, Any]], n: int) -> float | None:
-    """KiB of server RSS per idle socket between the warm baseline and the n-socket stage."""
+    """KiB of server RSS per idle socket between the warm baseline and the n-socket stage.
+
+    A stage cut short by the quick mode's time budget counts as its planned size's stage (the
+    sockets really open are in ``n``), so the ≤ 1k figure still appears.
+    """
     if not readings:
         return None
     base = readings[0]
     for r in readings[1:]:
-        if r["n"] == n and r["n"] > base["n"]:
+        if r.get("planned", r["n"]) == n and r["n"] > base["n"]:
             return (r["rss"] - base["rss"]) / (r["n"] - base["n"]) / 1024
     return None
 

@@ -48,6 +48,8 @@ class Plan:
     profile: bool = True
     noisy_retries: int = 2
     ack_grace_s: float = 2.0
+    idle_open_budget_s: float = 0.0  # 0: no limit
+    idle_cpu_s: float = 3.0  # how long to read the server's CPU with only idle sockets
     rate: float = 50.0
     knee_max_p99_ms: float = 500.0
     knee_min_ratio: float = 0.9
@@ -77,11 +79,13 @@ QUICK = Plan(
     resume_reps=3,
     idle_stages=[20, 1000],
     persist_sessions=4,
-    persist_window_s=3.0,
+    persist_window_s=2.0,
     idle_per_session=4,
     profile=False,
     noisy_retries=0,
     ack_grace_s=1.0,
+    idle_open_budget_s=20.0,
+    idle_cpu_s=1.0,
 )
 
 # Which workloads each contender gets; (c) and (d) keep nothing, so there is nothing to resume
@@ -195,15 +199,17 @@ class Bench:
         stages = IDLE_STAGES.get(c.key, self.plan.idle_stages)
 
         def on_sync(obj: dict[str, Any]) -> None:
-            # CPU the server burns with only idle sockets (heartbeats, head checks), over 3 s.
+            # CPU the server burns with only idle sockets (heartbeats, head checks).
+            span = self.plan.idle_cpu_s
             cpu0 = [cpu_seconds(p) or 0.0 for p in c.pids]
-            time.sleep(3.0)
+            time.sleep(span)
             cpu1 = [cpu_seconds(p) or 0.0 for p in c.pids]
-            idle_cores = sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / 3.0
+            idle_cores = sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / span
             rss = [rss_bytes(p) or 0 for p in c.pids]
             readings.append(
                 {
                     "n": obj["n"],
+                    "planned": obj.get("planned", obj["n"]),
                     "alive": obj["alive"],
                     "rss": sum(rss),
                     "idle_cores": idle_cores,
@@ -213,7 +219,7 @@ class Bench:
                 }
             )
             log(f"  idle {obj['n']} sockets ({obj['alive']} alive): RSS {sum(rss) / 2**20:.1f} MiB")
-            if obj["n"] >= stages[-1]:
+            if obj.get("planned", obj["n"]) >= stages[-1]:
                 # Stop the server before the generator hangs up, so thousands of disconnect
                 # handlers don't stretch the run; nothing is measured after this point.
                 c.stop()
@@ -229,6 +235,7 @@ class Bench:
             "mode": "idle",
             "stages": stages,
             "sockets_per_session": self.plan.idle_per_session,
+            "open_budget_s": self.plan.idle_open_budget_s,
         }
         run_loadgen(cfg, self.gen_log, on_sync)
         return readings
