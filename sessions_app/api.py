@@ -17,7 +17,7 @@ from sessions_app.auth import mint_client_token
 from sessions_app.consumers import parse_after
 from sessions_app.errors import BatonError, forbidden, too_large
 from sessions_app.identity import Author, Principal
-from sessions_app.wire import event_to_wire, format_ts, message_to_wire, session_to_wire
+from sessions_app.wire import format_ts, message_to_wire, session_to_wire
 
 MAX_HISTORY_PAGE = 1000
 DEFAULT_HISTORY_PAGE = 100
@@ -161,7 +161,7 @@ class SessionEventsView(APIView):
             selectors.get_session(session_id)  # raises not_found
         if after > head:
             raise BatonError("bad_after", f"'after' is {after} but the session head is {head}.")
-        events = selectors.list_events(
+        events = selectors.list_wire_events(
             session_id=session_id,
             after=after,
             upto=head,
@@ -169,10 +169,10 @@ class SessionEventsView(APIView):
             types=types,
             include_private=principal.sees_private,
         )
-        next_after = events[-1].seq if len(events) == limit else max(after, head or 0)
+        next_after = events[-1]["seq"] if len(events) == limit else max(after, head or 0)
         return Response(
             {
-                "events": [event_to_wire(e) for e in events],
+                "events": events,
                 "next_after": next_after,
                 "head": head,
             }

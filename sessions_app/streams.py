@@ -19,8 +19,8 @@ from django.conf import settings
 from sessions_app import event_types as et
 from sessions_app.errors import BatonError
 from sessions_app.hub import Hub, WireEvent, get_hub
-from sessions_app.selectors import get_head, get_message_snapshot, list_events, type_matcher
-from sessions_app.wire import event_to_wire, message_to_wire
+from sessions_app.selectors import get_head, get_message_snapshot, list_wire_events, type_matcher
+from sessions_app.wire import message_to_wire
 
 
 class SlowConsumer(Exception):
@@ -115,7 +115,7 @@ class Subscription:
         """Pages of (position, head] from the database."""
         page = settings.BATON_REPLAY_PAGE
         while self.position < self.head:
-            rows = await database_sync_to_async(list_events)(
+            rows = await database_sync_to_async(list_wire_events)(
                 session_id=self.session_id,
                 after=self.position,
                 upto=self.head,
@@ -126,8 +126,8 @@ class Subscription:
             if not rows:
                 self.position = self.head
                 break
-            self.position = self.head if len(rows) < page else rows[-1].seq
-            batch = [WireEvent.from_dict(event_to_wire(r)) for r in rows]
+            self.position = self.head if len(rows) < page else rows[-1]["seq"]
+            batch = [WireEvent.from_dict(r) for r in rows]
             self.replayed += len(batch)
             yield batch
 
@@ -157,7 +157,7 @@ class Subscription:
 
     async def _backfill(self, upto: int) -> list[WireEvent]:
         """A safety net: the feed is contiguous, but never trust a hole to be harmless."""
-        rows = await database_sync_to_async(list_events)(
+        rows = await database_sync_to_async(list_wire_events)(
             session_id=self.session_id,
             after=self.position,
             upto=upto,
@@ -166,7 +166,7 @@ class Subscription:
             include_private=self.include_private,
         )
         self.position = upto
-        return [WireEvent.from_dict(event_to_wire(r)) for r in rows]
+        return [WireEvent.from_dict(r) for r in rows]
 
     def close(self) -> None:
         if self.joined:
