@@ -13,8 +13,8 @@ from django.utils import timezone
 
 from sessions_app import event_types as et
 from sessions_app.models import Connection, Event, Message, PresenceLease, Session
-from sessions_app.selectors import get_session, list_events
-from sessions_app.wire import event_to_wire, format_ts, session_to_wire
+from sessions_app.selectors import get_session, list_wire_events
+from sessions_app.wire import format_ts, session_to_wire
 
 QUEUE_LIMIT = 200
 LIVE_LIMIT = 50
@@ -166,7 +166,7 @@ def export_pages(*, session_id: str, include_private: bool) -> Iterator[list[dic
     head = get_session(session_id).last_seq
     after = 0
     while after < head:
-        page = list_events(
+        page = list_wire_events(
             session_id=session_id,
             after=after,
             upto=head,
@@ -175,5 +175,5 @@ def export_pages(*, session_id: str, include_private: bool) -> Iterator[list[dic
         )
         if not page:
             break
-        after = page[-1].seq
-        yield [event_to_wire(e) for e in page]
+        after = page[-1]["seq"]
+        yield page
