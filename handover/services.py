@@ -18,8 +18,9 @@ from django.utils import timezone
 from handover.models import Handover
 from sessions_app import event_types as et
 from sessions_app.errors import invalid
-from sessions_app.identity import Author
+from sessions_app.identity import SYSTEM, Author
 from sessions_app.models import Event
+from sessions_app.selectors import list_streaming_messages
 from sessions_app.services import AppendResult, EventInput, append_events
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,23 @@ def claim(*, session_id: str, operator: Author, user_id: int | None = None) -> A
         events=[EventInput(et.HANDOVER_CLAIMED, {"operator": operator.id, "name": operator.name})],
         system=True,
     )
+    # The bot may not publish again until released, so its half-streamed replies would stay
+    # `streaming` forever: end them here, as the server, in the claim's transaction.
+    unfinished = list_streaming_messages(session_id=session_id, author_kind=et.KIND_AGENT)
+    if unfinished:
+        append_events(
+            session_id=session_id,
+            author=SYSTEM,
+            events=[
+                EventInput(
+                    et.MESSAGE_COMPLETE,
+                    {"status": "cancelled", "reason": "An operator took over."},
+                    message_id=m.message_id,
+                )
+                for m in unfinished
+            ],
+            system=True,
+        )
     now = timezone.now()
     handover = _open_handover(session_id)
     if handover is None:

@@ -162,3 +162,11 @@ def find_agent_key(*, key_hash: str) -> AgentKey | None:
 
 def list_connections(*, session_id: str, limit: int = 200) -> list[Connection]:
     return list(Connection.objects.filter(session_id=session_id).order_by("-opened_at")[:limit])
+
+
+def list_streaming_messages(*, session_id: str, author_kind: str) -> list[Message]:
+    return list(
+        Message.objects.filter(
+            session_id=session_id, status=et.MESSAGE_STREAMING, author_kind=author_kind
+        ).order_by("created_seq")
+    )

@@ -317,7 +317,7 @@ def _append_locked(
                 new_controller = None
 
     if message_events:
-        _materialize_messages(session_id, message_events, now)
+        _materialize_messages(session_id, message_events, now, system=system)
     Event.objects.bulk_create(rows)
     if (new_status, new_controller) != (status, controller):
         Session.objects.filter(pk=session_id).update(status=new_status, controller=new_controller)
@@ -363,7 +363,10 @@ def _allocate(session_id: str, count: int, now: datetime) -> tuple[int, str, Any
 
 
 def _materialize_messages(
-    session_id: str, message_events: list[tuple[EventInput, Event]], now: datetime
+    session_id: str,
+    message_events: list[tuple[EventInput, Event]],
+    now: datetime,
+    system: bool = False,
 ) -> None:
     if all(item.type == et.MESSAGE_APPEND for item, _ in message_events) and _append_in_place(
         session_id, message_events, now
@@ -402,7 +405,10 @@ def _materialize_messages(
             continue
         if message is None:
             raise BatonError("message_not_found", f"No message {message_id} in this session.", 404)
-        if (message.author_kind, message.author_id) != (row.author_kind, row.author_id):
+        if not system and (message.author_kind, message.author_id) != (
+            row.author_kind,
+            row.author_id,
+        ):
             raise forbidden("Only a message's author may change it.")
         if item.type == et.MESSAGE_APPEND:
             if message.status != et.MESSAGE_STREAMING:

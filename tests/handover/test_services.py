@@ -225,3 +225,37 @@ async def test_transitions_poke_the_console_group_after_commit(session):
         await layer.group_discard(services.CONSOLE_GROUP, channel)
         if hasattr(layer, "flush"):
             await layer.flush()
+
+
+def test_claim_ends_the_bots_half_streamed_reply(session):
+    """The bot cannot publish while a human holds the session, so the claim completes its
+    streaming messages (cancelled, by the server) instead of leaving them streaming forever."""
+    from handover.services import claim
+    from sessions_app.identity import Author
+    from sessions_app.models import Event, Message
+    from sessions_app.services import EventInput, append_events
+
+    bot = Author(kind="agent", id="test-agent", name="test-agent")
+    append_events(
+        session_id=session.id,
+        author=bot,
+        events=[
+            EventInput("message.create", {"role": "assistant"}, message_id="half"),
+            EventInput("message.append", {"delta": "Let me che"}, message_id="half"),
+            EventInput(
+                "message.create",
+                {"role": "assistant", "status": "complete", "content": "done"},
+                message_id="whole",
+            ),
+        ],
+    )
+    claim(session_id=session.id, operator=Author(kind="operator", id="olivia", name="Olivia"))
+    half = Message.objects.get(session=session, message_id="half")
+    assert (half.status, half.reason, half.content) == (
+        "cancelled",
+        "An operator took over.",
+        "Let me che",
+    )
+    assert Message.objects.get(session=session, message_id="whole").status == "complete"
+    last = Event.objects.filter(session=session).order_by("-seq")[0]
+    assert (last.type, last.message_id, last.author_kind) == ("message.complete", "half", "system")
