@@ -199,7 +199,7 @@ class Hub:
             await asyncio.sleep(delay)
             delay = min(delay * 2, LAYER_RETRY_MAX_SECONDS)
         for feed in list(self.feeds.values()):
-            await self._join(feed)
+            await self._join(feed, late=True)
 
     async def shutdown(self) -> None:
         tasks = [*self.tasks, *(f.repair_task for f in self.feeds.values() if f.repair_task)]
@@ -251,10 +251,12 @@ class Hub:
         feed.delivered = head or 0
         feed.drain()
 
-    async def _join(self, feed: Feed) -> bool:
+    async def _join(self, feed: Feed, late: bool = False) -> bool:
         """Join the feed's group; a failure is retried by the maintenance loop, never raised
         (an attach must work while the layer is down — the feed then follows the database)."""
-        if not self.remote or feed.joined:
+        if not self.remote:
+            feed.joined = True
+        if feed.joined:
             return True
         if self.channel_name is None:
             return False
@@ -270,8 +272,10 @@ class Hub:
             log.warning("could not join the group of %s; will retry", feed.session_id)
             return False
         feed.joined = True
-        # Events published before the join may have been missed: have the head check look soon.
-        feed.behind_checks = max(feed.behind_checks, 1)
+        if late:
+            # Events published before this late join were missed: let the next head check
+            # repair at once instead of waiting for a second look.
+            feed.behind_checks = max(feed.behind_checks, 1)
         return True
 
     def unsubscribe(self, session_id: str, subscriber: Subscriber) -> None:
@@ -416,7 +420,7 @@ class Hub:
                     next_refresh = now + GROUP_REFRESH_SECONDS
                     await self._refresh_groups()
                 for feed in [f for f in self.feeds.values() if not f.joined]:
-                    if not await self._join(feed):
+                    if not await self._join(feed, late=True):
                         break  # the layer is still down; try again next tick
                 await self._sweep_idle_feeds()
             except asyncio.CancelledError:
