@@ -27,7 +27,7 @@ import pytest
 import websockets
 from channels.db import database_sync_to_async
 
-from sessions_app.models import Event
+from sessions_app.models import Connection, Event
 from tests.conftest import ServerProcess
 
 AGENTS = 3
@@ -284,6 +284,16 @@ async def test_chaos(redis_cluster, private_redis, agent_key):
         assert s.duplicates == 0 and s.out_of_order == 0
         assert s.seqs == [seq for seq in visible if seq <= s.last]
         assert s.last >= s.target
+    # The killed worker's connections were reaped by the survivor (reason "timeout"; no leave
+    # unless the member had no other connection by then — they usually reconnect first).
+    reaped = await database_sync_to_async(
+        lambda: Connection.objects.filter(session_id__in=sessions, close_reason="timeout").count()
+    )()
+    open_left = await database_sync_to_async(
+        lambda: Connection.objects.filter(session_id__in=sessions, closed_at__isnull=True).count()
+    )()
+    print(f"connections reaped from the killed worker: {reaped}")
+    assert reaped > 0 and open_left == 0
     drops = sum((s.drops for s in subscribers), Counter())
     print(f"drops: {dict(drops)}; chaos run took {time.monotonic() - started:.1f} s")
     assert drops["clean"] and drops["abort"] and drops["server"]
