@@ -80,7 +80,8 @@ TEMPLATES = [
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
-        conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
+        # 0 under ASGI: each request runs in its own thread, so persistent connections leak.
+        conn_max_age=env_int("DB_CONN_MAX_AGE", 0),
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -94,6 +95,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     DATABASES["default"]["TEST"] = {
         "NAME": os.environ.get("BATON_TEST_SQLITE", str(BASE_DIR / "test-db.sqlite3"))
+    }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A psycopg pool: connections are reused across the per-request threads ASGI uses.
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env_int("DB_POOL_MIN", 2),
+        "max_size": env_int("DB_POOL_MAX", 20),
+        "timeout": 30,
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -166,6 +174,8 @@ BATON_MAX_EVENT_BYTES = env_int("BATON_MAX_EVENT_BYTES", 65536)
 BATON_MAX_FRAME_BYTES = env_int("BATON_MAX_FRAME_BYTES", 4 * 65536)
 BATON_MAX_BATCH_EVENTS = env_int("BATON_MAX_BATCH_EVENTS", 500)
 BATON_MAX_BUFFERED_EVENTS = env_int("BATON_MAX_BUFFERED_EVENTS", 20000)
+# Group commit: how long the writer lingers to gather concurrent publishes (seconds).
+BATON_GROUP_COMMIT_WINDOW = float(os.environ.get("BATON_GROUP_COMMIT_WINDOW", "0.004"))
 BATON_REPLAY_PAGE = env_int("BATON_REPLAY_PAGE", 1000)
 BATON_HEARTBEAT_SECONDS = float(os.environ.get("BATON_HEARTBEAT_SECONDS", "3"))
 BATON_WORKER_TIMEOUT_SECONDS = float(os.environ.get("BATON_WORKER_TIMEOUT_SECONDS", "10"))

@@ -20,7 +20,6 @@ from sessions_app.identity import Principal
 from sessions_app.selectors import get_session, list_presence, parse_type_patterns
 from sessions_app.services import (
     AppendResult,
-    append_events,
     close_connection,
     open_connection,
     parse_event_batch,
@@ -161,6 +160,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         )
         self.connection_id = conn.id
         presence = await database_sync_to_async(list_presence)(session_id=self.session_id)
+        session = await database_sync_to_async(get_session)(self.session_id)
         await self.send_json(
             {
                 "op": "attached",
@@ -168,6 +168,8 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
                 "replayed": subscription.replayed,
                 "presence": presence,
                 "connection_id": conn.id,
+                "status": session.status,
+                "controller": session.controller,
             }
         )
         self.sender = asyncio.get_running_loop().create_task(self.send_live())
@@ -185,7 +187,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             items = parse_event_batch(content["event"])
         else:
             raise BatonError("bad_frame", "publish needs 'event' or 'events'.")
-        results: list[AppendResult] = await database_sync_to_async(append_events)(
+        results: list[AppendResult] = await get_hub().writer.append(
             session_id=self.session_id, author=self.principal.author, events=items
         )
         if batch:

@@ -157,6 +157,9 @@ class Hub:
         self.started = False
         self.start_lock = asyncio.Lock()
         self.stats = {"repairs": 0, "repaired_events": 0, "layer_errors": 0}
+        from sessions_app.writer import EventWriter
+
+        self.writer = EventWriter(loop)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -202,6 +205,7 @@ class Hub:
             await self._join(feed, late=True)
 
     async def shutdown(self) -> None:
+        await self.writer.close()
         tasks = [*self.tasks, *(f.repair_task for f in self.feeds.values() if f.repair_task)]
         for task in tasks:
             task.cancel()

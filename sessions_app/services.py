@@ -429,6 +429,34 @@ def _materialize_messages(
         )
 
 
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    session_id: str
+    author: Author
+    events: Sequence[EventInput]
+
+
+def append_many(requests: Sequence[AppendRequest]) -> list[list[AppendResult] | BatonError]:
+    """Group commit: several publishers' appends in ONE transaction, each in a savepoint.
+
+    Requests are applied in session-id order (stable within a session), so concurrent batches
+    in other processes lock session rows in the same order and cannot deadlock. A refused
+    request yields its BatonError in its slot; the others commit.
+    """
+    order = sorted(range(len(requests)), key=lambda i: requests[i].session_id)
+    outcomes: list[list[AppendResult] | BatonError] = [[] for _ in requests]
+    with transaction.atomic():
+        for i in order:
+            request = requests[i]
+            try:
+                outcomes[i] = append_events(
+                    session_id=request.session_id, author=request.author, events=request.events
+                )
+            except BatonError as exc:
+                outcomes[i] = exc
+    return outcomes
+
+
 # --------------------------------------------------------------------------- sessions
 
 
@@ -468,8 +496,19 @@ def _is_member(session_id: str, client_id: str, now: datetime) -> bool:
     )
 
 
-def _member_data(client_id: str, kind: str, name: str, **extra: Any) -> dict[str, Any]:
-    return {"client_id": client_id, "kind": kind, "name": name, **extra}
+def _presence_event(event_type: str, member: Author, **extra: Any) -> EventInput:
+    return EventInput(
+        event_type, {"client_id": member.id, "kind": member.kind, "name": member.name, **extra}
+    )
+
+
+def _leave(session_id: str, member: Author, reason: str) -> None:
+    append_events(
+        session_id=session_id,
+        author=member,
+        events=[_presence_event(et.PRESENCE_LEAVE, member, reason=reason)],
+        system=True,
+    )
 
 
 def open_connection(
@@ -501,9 +540,7 @@ def open_connection(
         )
         inputs = []
         if entering:
-            inputs.append(
-                EventInput(et.PRESENCE_ENTER, _member_data(author.id, author.kind, author.name))
-            )
+            inputs.append(_presence_event(et.PRESENCE_ENTER, author))
         lifecycle = et.CONNECTION_RESUMED if after > 0 else et.CONNECTION_OPENED
         inputs.append(
             EventInput(
@@ -539,12 +576,7 @@ def close_connection(*, connection_id: str, code: int | None, reason: str) -> No
         author = Author(kind=conn.kind, id=conn.client_id, name=conn.name)
         inputs = []
         if conn.counts_for_presence and not _is_member(conn.session_id, conn.client_id, now):
-            inputs.append(
-                EventInput(
-                    et.PRESENCE_LEAVE,
-                    _member_data(conn.client_id, conn.kind, conn.name, reason=reason),
-                )
-            )
+            inputs.append(_presence_event(et.PRESENCE_LEAVE, author, reason=reason))
         inputs.append(
             EventInput(
                 et.CONNECTION_CLOSED,
@@ -585,32 +617,12 @@ def set_presence_lease(
             # Expired but not reaped yet: close it out first, so every enter has its leave.
             lapsed.delete()
             if not _is_member(session_id, author.id, now):
-                append_events(
-                    session_id=session_id,
-                    author=author,
-                    events=[
-                        EventInput(
-                            et.PRESENCE_LEAVE,
-                            _member_data(author.id, author.kind, author.name, reason="timeout"),
-                        )
-                    ],
-                    system=True,
-                )
+                _leave(session_id, author, et.LEAVE_TIMEOUT)
         was_member = _is_member(session_id, author.id, now)
         if ttl <= 0:
             PresenceLease.objects.filter(session_id=session_id, client_id=author.id).delete()
             if was_member and not _is_member(session_id, author.id, now):
-                append_events(
-                    session_id=session_id,
-                    author=author,
-                    events=[
-                        EventInput(
-                            et.PRESENCE_LEAVE,
-                            _member_data(author.id, author.kind, author.name, reason="closed"),
-                        )
-                    ],
-                    system=True,
-                )
+                _leave(session_id, author, et.LEAVE_CLOSED)
             return None
         renewal: dict[str, Any] = {
             "kind": author.kind,
@@ -633,16 +645,9 @@ def set_presence_lease(
         )
         inputs = []
         if not was_member:
-            inputs.append(
-                EventInput(et.PRESENCE_ENTER, _member_data(author.id, author.kind, author.name))
-            )
+            inputs.append(_presence_event(et.PRESENCE_ENTER, author))
         elif state is not None:
-            inputs.append(
-                EventInput(
-                    et.PRESENCE_UPDATE,
-                    _member_data(author.id, author.kind, author.name, state=state),
-                )
-            )
+            inputs.append(_presence_event(et.PRESENCE_UPDATE, author, state=state))
         if inputs:
             append_events(session_id=session_id, author=author, events=inputs, system=True)
         return lease
@@ -691,17 +696,8 @@ def reap_presence(*, now: datetime | None = None, worker_timeout: float | None =
             deleted, _ = PresenceLease.objects.filter(pk=lease.pk, expires_at__lte=now).delete()
             if not deleted or _is_member(lease.session_id, lease.client_id, now):
                 continue
-            append_events(
-                session_id=lease.session_id,
-                author=Author(kind=lease.kind, id=lease.client_id, name=lease.name),
-                events=[
-                    EventInput(
-                        et.PRESENCE_LEAVE,
-                        _member_data(lease.client_id, lease.kind, lease.name, reason="timeout"),
-                    )
-                ],
-                system=True,
-            )
+            member = Author(kind=lease.kind, id=lease.client_id, name=lease.name)
+            _leave(lease.session_id, member, et.LEAVE_TIMEOUT)
             reaped += 1
     return reaped
 

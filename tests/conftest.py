@@ -137,6 +137,7 @@ class ServerProcess:
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    extra_args: tuple[str, ...] = ()
 
     @property
     def base_url(self) -> str:
@@ -167,6 +168,7 @@ class ServerProcess:
                 "5",
                 "--ws-ping-timeout",
                 "5",
+                *self.extra_args,
             ],
             cwd=ROOT,
             env=self.env,
@@ -257,8 +259,22 @@ def make_cluster(
 
 
 @pytest.fixture
-def server(live_server_proc: ServerProcess, transactional_db: None) -> ServerProcess:
+def server(live_server_proc: ServerProcess, transactional_db: None) -> Iterator[ServerProcess]:
     """The live server, with this test's writes committed so the server sees them."""
     if live_server_proc.process is None or live_server_proc.process.poll() is not None:
         live_server_proc.start()
-    return live_server_proc
+    yield live_server_proc
+    wait_until_quiet()
+
+
+def wait_until_quiet(timeout: float = 15) -> None:
+    """Let the server finish closing this test's sockets before the tables are truncated
+    (on Postgres a TRUNCATE racing a close_connection transaction can deadlock)."""
+    from sessions_app.models import Connection
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Connection.objects.filter(closed_at__isnull=True).exists():
+            break
+        time.sleep(0.1)
+    time.sleep(0.3)  # the last close's transaction commits right after its row update

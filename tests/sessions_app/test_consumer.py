@@ -395,7 +395,7 @@ async def test_catch_up_while_events_are_published_loses_nothing(session, agent_
 
     head = await database_sync_to_async(get_head)(session.id)
     assert head == 352  # 200 + 150 + presence.enter + connection.opened
-    await client.until_seq(head, timeout=5)
+    await client.until_seq(head, timeout=20)
     seqs = [s for s in client.seqs() if s <= head]
     assert seqs == sorted(set(seqs))
     live = [e["data"]["i"] for e in client.events if e["type"] == "progress.live"]

@@ -185,3 +185,59 @@ async def test_every_subscriber_gets_every_visible_event_once_in_order(server, a
     assert total_drops >= SUBSCRIBERS  # the test really dropped and resumed
     assert all(s.drops["abort"] + s.drops["clean"] > 0 for s in subscribers)
     print("drops:", [s.drops for s in subscribers])
+
+
+def test_a_stalled_reader_is_closed_with_4408_and_memory_stays_bounded(
+    transactional_db, agent_key, tmp_path
+):
+    """A client that stops reading fills the socket; the server stops buffering past its limit
+    and, once the client reads again, says `too_slow` and closes with 4408."""
+    import base64
+    import socket
+    import struct
+
+    from tests.conftest import ServerProcess, free_port, server_env
+
+    server = ServerProcess(
+        port=free_port(),
+        env=server_env(BATON_MAX_BUFFERED_EVENTS="300"),
+        extra_args=("--ws-ping-interval", "600"),  # a ping timeout would close it first
+    )
+    server.log_path = tmp_path / "server.log"
+    server.start()
+    try:
+        http = httpx.Client(
+            base_url=server.base_url, headers={"Authorization": f"Bearer {agent_key}"}
+        )
+        session_id = http.post("/api/v1/sessions").json()["id"]
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            (
+                f"GET /ws/sessions/{session_id}/?token={agent_key}&after=0 HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        blob = {"type": "progress.blob", "data": {"x": "y" * 2000}}
+        for _ in range(30):  # 3,000 events, ~6 MB, while the client reads nothing
+            response = http.post(
+                f"/api/v1/sessions/{session_id}/events", json={"events": [blob] * 100}
+            )
+            assert response.status_code == 201
+        sock.settimeout(3)
+        received = b""
+        while True:
+            try:
+                chunk = sock.recv(1 << 20)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        assert len(received) < 5_000_000  # less than was published: it was cut off
+        assert b'"too_slow"' in received
+        assert struct.pack("!H", 4408) in received  # the close frame's code
+    finally:
+        server.stop()

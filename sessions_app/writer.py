@@ -1,0 +1,97 @@
+"""Group commit for the streaming path.
+
+Publishes from this process's WebSockets queue here and are written together: one transaction
+per batch, each publish isolated in a savepoint, so one refused publish never fails its
+neighbours. The batch is ordered by session id (stable), so two processes' batches always take
+session row locks in the same order and cannot deadlock. A caller's ack waits for the commit,
+so the delivery guarantee is unchanged: nothing is acknowledged or broadcast before it is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from sessions_app.identity import Author
+from sessions_app.services import AppendRequest, AppendResult, EventInput, append_many
+
+MAX_REQUESTS_PER_BATCH = 500
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: AppendRequest
+    future: asyncio.Future[list[AppendResult]] = field(repr=False)
+
+
+class EventWriter:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: deque[_Pending] = deque()
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.last_batch_size = 0
+        self.stats = {"batches": 0, "requests": 0}
+
+    async def append(
+        self, *, session_id: str, author: Author, events: Sequence[EventInput]
+    ) -> list[AppendResult]:
+        future: asyncio.Future[list[AppendResult]] = self.loop.create_future()
+        self.queue.append(
+            _Pending(AppendRequest(session_id=session_id, author=author, events=events), future)
+        )
+        self.wake.set()
+        if self.task is None or self.task.done():
+            self.task = self.loop.create_task(self._run(), context=contextvars.Context())
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if not self.queue:
+                continue
+            if self.last_batch_size > 1 and settings.BATON_GROUP_COMMIT_WINDOW > 0:
+                # Under concurrent load, linger briefly so more writers share one commit.
+                await asyncio.sleep(settings.BATON_GROUP_COMMIT_WINDOW)
+            batch: list[_Pending] = []
+            while self.queue and len(batch) < MAX_REQUESTS_PER_BATCH:
+                pending = self.queue.popleft()
+                if not pending.future.cancelled():
+                    batch.append(pending)
+            if self.queue:
+                self.wake.set()
+            if not batch:
+                continue
+            self.last_batch_size = len(batch)
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(batch)
+            try:
+                outcomes = await database_sync_to_async(append_many)([p.request for p in batch])
+            except Exception as exc:  # the whole transaction failed (database down, …)
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            for pending, outcome in zip(batch, outcomes, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(outcome)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        for pending in self.queue:
+            if not pending.future.done():
+                pending.future.cancel()
+        self.queue.clear()

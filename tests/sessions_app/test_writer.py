@@ -1,0 +1,119 @@
+"""Group commit: many publishers share one transaction without weakening any guarantee."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from channels.db import database_sync_to_async
+from django.db import connection
+
+from sessions_app.errors import BatonError
+from sessions_app.hub import get_hub
+from sessions_app.identity import Author
+from sessions_app.models import Event, Message, Session
+from sessions_app.services import AppendRequest, EventInput, append_many
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+AGENT = Author(kind="agent", id="test-agent", name="test-agent")
+
+
+def _step(i: int) -> EventInput:
+    return EventInput(type="progress.step", data={"i": i})
+
+
+def test_a_refused_request_does_not_fail_its_batch(make_session):
+    a, b = make_session(), make_session()
+    outcomes = append_many(
+        [
+            AppendRequest(session_id=a.id, author=AGENT, events=[_step(1)]),
+            AppendRequest(
+                session_id=b.id,
+                author=AGENT,
+                events=[
+                    _step(2),
+                    EventInput(type="message.append", data={"delta": "x"}, message_id="nope"),
+                ],
+            ),
+            AppendRequest(session_id=a.id, author=AGENT, events=[_step(3)]),
+            AppendRequest(session_id="ses_missing", author=AGENT, events=[_step(4)]),
+        ]
+    )
+    assert [r.seq for r in outcomes[0]] == [1]
+    assert isinstance(outcomes[1], BatonError)
+    assert outcomes[1].code == "message_not_found"
+    assert [r.seq for r in outcomes[2]] == [2]
+    assert isinstance(outcomes[3], BatonError)
+    assert outcomes[3].code == "not_found"
+    assert Session.objects.get(pk=b.id).last_seq == 0  # the refused batch consumed nothing
+    assert Event.objects.filter(session=b).count() == 0
+    assert list(Event.objects.filter(session=a).values_list("seq", flat=True)) == [1, 2]
+
+
+def test_opposite_lock_orders_do_not_deadlock(make_session):
+    """Two batches touching the same sessions in opposite orders, at the same time."""
+    a, b = make_session(), make_session()
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def writer(first: Session, second: Session) -> None:
+        try:
+            start.wait()
+            for i in range(30):
+                outcomes = append_many(
+                    [
+                        AppendRequest(session_id=first.id, author=AGENT, events=[_step(i)]),
+                        AppendRequest(session_id=second.id, author=AGENT, events=[_step(i)]),
+                    ]
+                )
+                assert not any(isinstance(o, BatonError) for o in outcomes)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=writer, args=pair) for pair in ((a, b), (b, a))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for s in (a, b):
+        seqs = list(Event.objects.filter(session=s).values_list("seq", flat=True))
+        assert seqs == list(range(1, 61))
+
+
+@pytest.mark.usefixtures("hub_cleanup")
+async def test_concurrent_publishers_share_commits(make_session):
+    sessions = [await database_sync_to_async(make_session)() for _ in range(4)]
+    writer = get_hub().writer
+    for s in sessions:
+        await writer.append(
+            session_id=s.id,
+            author=AGENT,
+            events=[EventInput(type="message.create", data={"role": "assistant"}, message_id="m")],
+        )
+    before = dict(writer.stats)
+
+    async def stream(session_id: str) -> list[int]:
+        seqs = []
+        for i in range(50):
+            results = await writer.append(
+                session_id=session_id,
+                author=AGENT,
+                events=[EventInput(type="message.append", data={"delta": f"{i},"}, message_id="m")],
+            )
+            seqs.append(results[0].seq)
+        return seqs
+
+    all_seqs = await asyncio.gather(*(stream(s.id) for s in sessions))
+    requests = writer.stats["requests"] - before["requests"]
+    batches = writer.stats["batches"] - before["batches"]
+    assert requests == 200
+    assert batches < requests / 2  # four concurrent streams really share commits
+    for s, seqs in zip(sessions, all_seqs, strict=True):
+        assert seqs == list(range(2, 52))
+        message = await database_sync_to_async(Message.objects.get)(session=s, message_id="m")
+        assert message.content == "".join(f"{i}," for i in range(50))
