@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 from channels.db import database_sync_to_async
 from django.core.management import call_command
@@ -162,3 +164,32 @@ def test_cutoffs_parse():
     assert parse_cutoff("2026-01-01").isoformat() == "2026-01-01T00:00:00+00:00"
     with pytest.raises(ValueError):
         parse_cutoff("soon")
+
+
+async def test_an_sse_resume_inside_a_compacted_range_starts_with_the_snapshot(
+    server, session, agent_key
+):
+    await database_sync_to_async(build_old_session)(session)
+    await database_sync_to_async(call_command)(
+        "compact_sessions", "--older-than", "30d", stdout=io.StringIO()
+    )
+    headers = {"Authorization": f"Bearer {agent_key}"}
+    blocks: list[str] = []
+    async with (
+        httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=30) as http,
+        http.stream("GET", f"/api/v1/sessions/{session.id}/events/stream?after=2") as response,
+    ):
+        buffer = ""
+        async for chunk in response.aiter_text():
+            buffer += chunk
+            *done, buffer = buffer.split("\n\n")
+            blocks += done
+            if any(b.startswith("event: attached") for b in blocks):
+                break
+    named = [b for b in blocks if b.startswith("event: snapshot")]
+    assert len(named) == 1
+    snapshot = json.loads(named[0].split("data: ", 1)[1])
+    assert snapshot["seq"] == 11
+    assert [m["content"] for m in snapshot["messages"]] == ["Hello world", "abc"]
+    ids = [int(line[4:]) for b in blocks for line in b.splitlines() if line.startswith("id: ")]
+    assert ids and min(ids) > 11
