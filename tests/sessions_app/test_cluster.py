@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
 import httpx
+import pytest
 import websockets
+from django.conf import settings
+
+from tests.conftest import ROOT, free_port, server_env
 
 PRESENCE_BOUND_SECONDS = 15.0
 # Production liveness settings (not the fast test defaults): the 15 s bound must hold for them.
@@ -94,3 +104,62 @@ async def test_a_lost_transport_leaves_at_once_with_reason_lost(make_cluster, ag
     # The agent's worker is alive: this leave is its own, not the reaper's.
     assert agents_worker.process is not None and agents_worker.process.poll() is None
     assert "bot" not in await presence_ids(agents_worker.base_url, agent_key, session_id)
+
+
+def contiguous_free_ports(n: int) -> int:
+    """A first port such that it and the next n-1 are free right now."""
+    for _ in range(50):
+        first = free_port()
+        try:
+            for port in range(first, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError("no contiguous free ports")
+
+
+def wait_for_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, f"{url} did not answer"
+            time.sleep(0.2)
+
+
+@pytest.mark.timeout(120)
+def test_run_cluster_supervises_its_workers(transactional_db, tmp_path):
+    first = contiguous_free_ports(2)
+    args = ["--workers", "2", "--port", str(first), "--no-migrate"]
+    if not (os.environ.get("DATABASE_URL", "").startswith("postgres") and settings.REDIS_URL):
+        args.append("--allow-embedded")
+    log_path = tmp_path / "cluster.log"
+    with log_path.open("wb") as log:
+        supervisor = subprocess.Popen(
+            [sys.executable, "manage.py", "run_cluster", *args],
+            cwd=ROOT,
+            env=server_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        for port in (first, first + 1):
+            wait_for_http(f"http://127.0.0.1:{port}/api/schema/")
+        pids = re.findall(rf":{first} started \(pid (\d+)\)", log_path.read_text())
+        os.kill(int(pids[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while len(re.findall(rf":{first} started", log_path.read_text())) < 2:
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        wait_for_http(f"http://127.0.0.1:{first}/api/schema/")
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=30) == 0
+    assert "Baton cluster stopped" in log_path.read_text()
+    for port in (first, first + 1):
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/api/schema/", timeout=1)
