@@ -298,6 +298,7 @@ class Hub:
         if feed is not None:
             feed.on_events(events)
         if self.remote:
+            self._ensure_sender()
             self.outbox.put_nowait((session_id, {"type": EVENTS_MESSAGE, "e": events}))
 
     def publish_ephemeral(
@@ -305,7 +306,14 @@ class Hub:
     ) -> None:
         self._deliver_ephemeral(session_id, payload, exclude)
         if self.remote:
+            self._ensure_sender()
             self.outbox.put_nowait((session_id, {"type": EPHEMERAL_MESSAGE, "p": payload}))
+
+    def _ensure_sender(self) -> None:
+        """A process that only publishes (REST, or sockets that never attach) has a hub that
+        nothing started: start it, or its outbox would never reach the other processes."""
+        if not self.started and not self.start_lock.locked():
+            self.spawn(self.ensure_started())
 
     def _deliver_ephemeral(
         self, session_id: str, payload: dict[str, Any], exclude: Subscriber | None = None
