@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run run-cluster test lint migrate
+.PHONY: install run run-cluster test lint migrate bench bench-quick
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,3 +37,16 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+# Full benchmark (~15 min): docs/benchmarks.md + docs/bench-*.png. Needs Postgres and Redis on
+# 127.0.0.1 (contender b); see bench/run.py.
+bench: $(VENV)/.bench-installed
+	$(PY) -m bench.run
+
+# Smoke run (< 2 min) for CI: bench/results/quick.md; fails only if a contender cannot start.
+bench-quick: $(VENV)/.bench-installed
+	$(PY) -m bench.run --quick

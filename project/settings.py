@@ -87,7 +87,9 @@ DATABASES = {
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets readers run beside the writer; IMMEDIATE takes the write lock up front so two
     # writers queue on busy_timeout instead of deadlocking on a lock upgrade.
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # Keep SQLite connections: opening one per call costs a file open and an fdatasync each time
+    # (a connection left in a finished request's thread is closed when that thread goes).
+    DATABASES["default"]["CONN_MAX_AGE"] = env_int("DB_CONN_MAX_AGE", 600)
     DATABASES["default"]["OPTIONS"] = {
         "transaction_mode": "IMMEDIATE",
         "timeout": 30,

@@ -18,7 +18,7 @@ from sessions_app.consumers import parse_after
 from sessions_app.errors import BatonError, forbidden, not_found, too_large
 from sessions_app.identity import Author, Principal
 from sessions_app.streams import compacted_snapshot_frame
-from sessions_app.wire import event_to_wire, format_ts, message_to_wire, session_to_wire
+from sessions_app.wire import format_ts, message_to_wire, session_to_wire
 
 MAX_HISTORY_PAGE = 1000
 DEFAULT_HISTORY_PAGE = 100
@@ -169,7 +169,7 @@ class SessionEventsView(APIView):
             messages = selectors.get_compacted_snapshot(session_id=session_id, through=compacted)
             snapshot = compacted_snapshot_frame(compacted, messages)
             after = compacted
-        events = selectors.list_events(
+        events = selectors.list_wire_events(
             session_id=session_id,
             after=after,
             upto=head,
@@ -177,9 +177,9 @@ class SessionEventsView(APIView):
             types=types,
             include_private=principal.sees_private,
         )
-        next_after = events[-1].seq if len(events) == limit else max(after, head or 0)
+        next_after = events[-1]["seq"] if len(events) == limit else max(after, head or 0)
         body = {
-            "events": [event_to_wire(e) for e in events],
+            "events": events,
             "next_after": next_after,
             "head": head,
         }

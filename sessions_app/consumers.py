@@ -34,6 +34,7 @@ CLOSE_NOT_FOUND = 4404
 CLOSE_TOO_SLOW = 4408
 CLEAN_CLOSE_CODES = frozenset({1000, 1001})
 POSITION_FLUSH_SECONDS = 1.0
+MAX_PIPELINED_PUBLISHES = 64  # publishes awaiting their commit before we stop reading frames
 
 
 def parse_after(raw: Any) -> int:
@@ -66,6 +67,8 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         self.received_seq: int | None = None
         self.flushed_seq: int | None = None
         self.flushed_at = 0.0
+        self.inflight = asyncio.Semaphore(MAX_PIPELINED_PUBLISHES)
+        self.acks: set[asyncio.Task[None]] = set()
         await self.accept()
         try:
             principal = await database_sync_to_async(authenticate_scope)(self.scope)
@@ -188,9 +191,26 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             items = parse_event_batch(content["event"])
         else:
             raise BatonError("bad_frame", "publish needs 'event' or 'events'.")
-        results: list[AppendResult] = await get_hub().writer.append(
+        # Pipelined: queue the append now and read the next frame while it commits, so one
+        # fast stream shares commits with itself; acks still go out in publish order.
+        await self.inflight.acquire()
+        future = get_hub().writer.submit(
             session_id=self.session_id, author=self.principal.author, events=items
         )
+        task = asyncio.get_running_loop().create_task(self.ack_when_committed(ref, batch, future))
+        self.acks.add(task)
+        task.add_done_callback(self.acks.discard)
+
+    async def ack_when_committed(
+        self, ref: Any, batch: bool, future: asyncio.Future[list[AppendResult]]
+    ) -> None:
+        try:
+            results = await future
+        except BatonError as exc:
+            await self.send_error(exc.code, exc.message, ref)
+            return
+        finally:
+            self.inflight.release()
         if batch:
             await self.send_json(
                 {
@@ -255,6 +275,8 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_TOO_SLOW)
         except asyncio.CancelledError:
             raise
+        except OSError:
+            log.debug("client of %s went away during a send", self.session_id)
         except Exception:
             log.exception("live sender failed for %s", self.session_id)
             await self.close(code=1011)
@@ -290,6 +312,8 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         if getattr(self, "torn_down", True):  # never connected, or already torn down
             return
         self.torn_down = True
+        for task in list(self.acks):
+            task.cancel()  # the appends still commit; only their acks have nowhere to go
         if self.sender is not None:
             self.sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

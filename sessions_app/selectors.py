@@ -10,7 +10,7 @@ from django.utils import timezone
 from sessions_app import event_types as et
 from sessions_app.errors import BatonError, not_found
 from sessions_app.models import AgentKey, Connection, Event, Message, PresenceLease, Session
-from sessions_app.wire import event_to_wire, format_ts
+from sessions_app.wire import EVENT_WIRE_FIELDS, event_wire, format_ts
 
 MAX_TYPE_PATTERNS = 20
 
@@ -99,32 +99,28 @@ def list_sessions(*, status: str | None = None, limit: int = 100) -> list[Sessio
     return list(qs.order_by("-created_at")[:limit])
 
 
-def list_events(
+def list_wire_events(
     *,
     session_id: str,
-    after: int = 0,
-    upto: int | None = None,
-    limit: int = 1000,
+    after: int,
+    upto: int,
+    limit: int,
     types: Sequence[str] | None = None,
     include_private: bool = False,
-) -> list[Event]:
-    qs = Event.objects.filter(session_id=session_id, seq__gt=after)
-    if upto is not None:
-        qs = qs.filter(seq__lte=upto)
+) -> list[dict[str, Any]]:
+    """History as wire dicts, without building model instances (the replay hot path)."""
+    qs = Event.objects.filter(session_id=session_id, seq__gt=after, seq__lte=upto)
     if not include_private:
         qs = qs.filter(visibility=et.VISIBILITY_ALL)
-    qs = qs.filter(_type_q(types))
-    return list(qs.order_by("seq")[:limit])
+    rows = qs.filter(_type_q(types)).order_by("seq").values_list(*EVENT_WIRE_FIELDS)[:limit]
+    return [event_wire(*row) for row in rows]
 
 
 def wire_events_between(*, session_id: str, after: int, upto: int) -> list[dict[str, Any]]:
     """Every event in (after, upto], unfiltered: what the hub uses to repair a hole."""
-    return [
-        event_to_wire(e)
-        for e in Event.objects.filter(session_id=session_id, seq__gt=after, seq__lte=upto).order_by(
-            "seq"
-        )
-    ]
+    return list_wire_events(
+        session_id=session_id, after=after, upto=upto, limit=upto - after, include_private=True
+    )
 
 
 def get_message_snapshot(*, session_id: str) -> tuple[int, list[Message]]:

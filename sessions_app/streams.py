@@ -23,10 +23,10 @@ from sessions_app.selectors import (
     get_compacted_snapshot,
     get_message_snapshot,
     get_positions,
-    list_events,
+    list_wire_events,
     type_matcher,
 )
-from sessions_app.wire import event_to_wire, message_to_wire
+from sessions_app.wire import message_to_wire
 
 
 class SlowConsumer(Exception):
@@ -139,7 +139,7 @@ class Subscription:
         """Pages of (position, head] from the database."""
         page = settings.BATON_REPLAY_PAGE
         while self.position < self.head:
-            rows = await database_sync_to_async(list_events)(
+            rows = await database_sync_to_async(list_wire_events)(
                 session_id=self.session_id,
                 after=self.position,
                 upto=self.head,
@@ -150,8 +150,8 @@ class Subscription:
             if not rows:
                 self.position = self.head
                 break
-            self.position = self.head if len(rows) < page else rows[-1].seq
-            batch = [WireEvent.from_dict(event_to_wire(r)) for r in rows]
+            self.position = self.head if len(rows) < page else rows[-1]["seq"]
+            batch = [WireEvent.from_dict(r) for r in rows]
             self.replayed += len(batch)
             yield batch
 
@@ -181,7 +181,7 @@ class Subscription:
 
     async def _backfill(self, upto: int) -> list[WireEvent]:
         """A safety net: the feed is contiguous, but never trust a hole to be harmless."""
-        rows = await database_sync_to_async(list_events)(
+        rows = await database_sync_to_async(list_wire_events)(
             session_id=self.session_id,
             after=self.position,
             upto=upto,
@@ -190,7 +190,7 @@ class Subscription:
             include_private=self.include_private,
         )
         self.position = upto
-        return [WireEvent.from_dict(event_to_wire(r)) for r in rows]
+        return [WireEvent.from_dict(r) for r in rows]
 
     def close(self) -> None:
         if self.joined:

@@ -11,18 +11,50 @@ def format_ts(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
-def event_to_wire(event: Event) -> dict[str, Any]:
+# The Event fields an event's wire form is made of, in the order `event_wire` takes them.
+EVENT_WIRE_FIELDS = (
+    "seq",
+    "id",
+    "session_id",
+    "type",
+    "message_id",
+    "author_kind",
+    "author_id",
+    "author_name",
+    "data",
+    "visibility",
+    "created_at",
+)
+
+
+def event_wire(
+    seq: int,
+    event_id: str,
+    session_id: str,
+    event_type: str,
+    message_id: str | None,
+    author_kind: str,
+    author_id: str,
+    author_name: str,
+    data: Any,
+    visibility: str,
+    created_at: datetime,
+) -> dict[str, Any]:
     return {
-        "seq": event.seq,
-        "id": event.id,
-        "session": event.session_id,
-        "type": event.type,
-        "message_id": event.message_id,
-        "author": {"kind": event.author_kind, "id": event.author_id, "name": event.author_name},
-        "data": event.data,
-        "visibility": event.visibility,
-        "ts": format_ts(event.created_at),
+        "seq": seq,
+        "id": event_id,
+        "session": session_id,
+        "type": event_type,
+        "message_id": message_id,
+        "author": {"kind": author_kind, "id": author_id, "name": author_name},
+        "data": data,
+        "visibility": visibility,
+        "ts": format_ts(created_at),
     }
+
+
+def event_to_wire(event: Event) -> dict[str, Any]:
+    return event_wire(*(getattr(event, field) for field in EVENT_WIRE_FIELDS))
 
 
 def message_to_wire(message: Message) -> dict[str, Any]:

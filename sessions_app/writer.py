@@ -39,9 +39,11 @@ class EventWriter:
         self.last_batch_size = 0
         self.stats = {"batches": 0, "requests": 0}
 
-    async def append(
+    def submit(
         self, *, session_id: str, author: Author, events: Sequence[EventInput]
-    ) -> list[AppendResult]:
+    ) -> asyncio.Future[list[AppendResult]]:
+        """Queue an append now (so a connection's publishes keep their order) and return the
+        future of its results, resolved once its batch has committed."""
         future: asyncio.Future[list[AppendResult]] = self.loop.create_future()
         self.queue.append(
             _Pending(AppendRequest(session_id=session_id, author=author, events=events), future)
@@ -49,7 +51,12 @@ class EventWriter:
         self.wake.set()
         if self.task is None or self.task.done():
             self.task = self.loop.create_task(self._run(), context=contextvars.Context())
-        return await future
+        return future
+
+    async def append(
+        self, *, session_id: str, author: Author, events: Sequence[EventInput]
+    ) -> list[AppendResult]:
+        return await self.submit(session_id=session_id, author=author, events=events)
 
     async def _run(self) -> None:
         while True:

@@ -168,6 +168,8 @@ class ServerProcess:
                 "5",
                 "--ws-ping-timeout",
                 "5",
+                "--timeout-graceful-shutdown",
+                "2",
                 *self.extra_args,
             ],
             cwd=ROOT,

@@ -1,0 +1,1 @@
+"""Contender (c): a plain Django Channels consumer, ``group_send`` per message, no persistence."""

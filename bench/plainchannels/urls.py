@@ -1,0 +1,3 @@
+"""No HTTP routes: contender (c) serves WebSockets only."""
+
+urlpatterns: list[object] = []

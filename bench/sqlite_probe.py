@@ -1,0 +1,81 @@
+"""Run uvicorn with a SQLite commit counter in every Django connection (persistence workload).
+
+SQLite has no server-side statistics like Postgres's ``pg_stat_database.xact_commit``, so the
+count is taken where the transactions are made: a ``set_trace_callback`` on each connection
+the server opens sees every statement the engine runs, including the ``BEGIN IMMEDIATE`` and
+``COMMIT`` that Django's ``atomic`` issues. A write transaction is one ``COMMIT`` or one
+INSERT/UPDATE/DELETE run outside a transaction (autocommit). The counts go to a JSON file
+every 200 ms and at exit. This is harness code wrapped around the unmodified server; it costs a
+Python call per statement, so it is used only for the persistence workload, never for timing.
+
+Usage: ``python -m bench.sqlite_probe OUT.json -- <uvicorn arguments>``
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+COUNTS = {"commits": 0, "autocommit_writes": 0, "begins": 0, "rollbacks": 0, "statements": 0}
+_lock = threading.Lock()
+WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+def _tracer(raw: sqlite3.Connection) -> Callable[[str], None]:
+    def trace(sql: str) -> None:
+        head = sql.lstrip()[:8].upper()
+        with _lock:
+            COUNTS["statements"] += 1
+            if head.startswith("COMMIT") or head.startswith("END"):
+                COUNTS["commits"] += 1
+            elif head.startswith("BEGIN"):
+                COUNTS["begins"] += 1
+            elif head.startswith("ROLLBACK") and "TO" not in sql.upper()[:20]:
+                COUNTS["rollbacks"] += 1
+            elif head.startswith(WRITES) and not raw.in_transaction:
+                COUNTS["autocommit_writes"] += 1
+
+    return trace
+
+
+def _install(sender: Any, connection: Any, **kwargs: Any) -> None:
+    if connection.vendor == "sqlite":
+        raw = connection.connection
+        raw.set_trace_callback(_tracer(raw))
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    rest = sys.argv[sys.argv.index("--") + 1 :]
+
+    from django.db.backends.signals import connection_created
+
+    connection_created.connect(_install)
+
+    def dump() -> None:
+        with _lock:
+            data = dict(COUNTS)
+        out.write_text(json.dumps(data))
+
+    def loop() -> None:
+        while True:
+            dump()
+            time.sleep(0.2)
+
+    threading.Thread(target=loop, daemon=True).start()
+    atexit.register(dump)
+    from uvicorn.main import main as uvicorn_main
+
+    uvicorn_main(args=rest, standalone_mode=False)
+    dump()
+
+
+if __name__ == "__main__":
+    main()
