@@ -155,6 +155,7 @@ class Hub:
         self.outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self.tasks: list[asyncio.Task[Any]] = []
         self.started = False
+        self.closed = False  # shut down: a late publish must not start it again
         self.start_lock = asyncio.Lock()
         self.stats = {"repairs": 0, "repaired_events": 0, "layer_errors": 0}
         from sessions_app.writer import EventWriter
@@ -205,6 +206,7 @@ class Hub:
             await self._join(feed, late=True)
 
     async def shutdown(self) -> None:
+        self.closed = True
         await self.writer.close()
         tasks = [*self.tasks, *(f.repair_task for f in self.feeds.values() if f.repair_task)]
         for task in tasks:
@@ -312,7 +314,7 @@ class Hub:
     def _ensure_sender(self) -> None:
         """A process that only publishes (REST, or sockets that never attach) has a hub that
         nothing started: start it, or its outbox would never reach the other processes."""
-        if not self.started and not self.start_lock.locked():
+        if not self.started and not self.closed and not self.start_lock.locked():
             self.spawn(self.ensure_started())
 
     def _deliver_ephemeral(
