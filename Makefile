@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint migrate bench bench-quick
+.PHONY: install run run-cluster test lint migrate bench bench-quick
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,16 @@ migrate: install
 
 run: migrate
 	$(PY) manage.py run_demo --host $(HOST) --port $(PORT)
+
+# Production mode: Postgres + Redis (this machine's services unless set), WORKERS uvicorn workers
+# on ports 8001, 8002, …; the command creates the database if missing and migrates first.
+WORKERS ?= 2
+CLUSTER_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/baton
+CLUSTER_REDIS_URL ?= redis://127.0.0.1:6379/1
+
+run-cluster: install
+	DATABASE_URL="$${DATABASE_URL:-$(CLUSTER_DATABASE_URL)}" REDIS_URL="$${REDIS_URL:-$(CLUSTER_REDIS_URL)}" \
+		$(PY) manage.py run_cluster --workers $(WORKERS) --host $(HOST)
 
 test: install
 	$(PY) -m ruff check .

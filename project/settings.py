@@ -115,7 +115,17 @@ if REDIS_URL:
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                # Bounded connects and reads: an unreachable Redis fails fast instead of hanging
+                # the hub's sender (publishes are durable in the database regardless).
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "socket_connect_timeout": float(
+                            os.environ.get("BATON_REDIS_CONNECT_TIMEOUT", "2")
+                        ),
+                        "socket_timeout": float(os.environ.get("BATON_REDIS_TIMEOUT", "5")),
+                    }
+                ],
                 "prefix": os.environ.get("BATON_REDIS_PREFIX", "baton"),
             },
         }
@@ -171,6 +181,7 @@ BATON_GROUP_COMMIT_WINDOW = float(os.environ.get("BATON_GROUP_COMMIT_WINDOW", "0
 BATON_REPLAY_PAGE = env_int("BATON_REPLAY_PAGE", 1000)
 BATON_HEARTBEAT_SECONDS = float(os.environ.get("BATON_HEARTBEAT_SECONDS", "3"))
 BATON_WORKER_TIMEOUT_SECONDS = float(os.environ.get("BATON_WORKER_TIMEOUT_SECONDS", "10"))
+BATON_REAP_SECONDS = float(os.environ.get("BATON_REAP_SECONDS", "1"))
 BATON_HEAD_CHECK_SECONDS = float(os.environ.get("BATON_HEAD_CHECK_SECONDS", "2"))
 BATON_CLIENT_TOKEN_MAX_TTL = env_int("BATON_CLIENT_TOKEN_MAX_TTL", 7 * 24 * 3600)
 # How often each operator console socket re-reads the queue (on top of after-commit pokes).

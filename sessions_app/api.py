@@ -15,8 +15,9 @@ from sessions_app import event_types as et
 from sessions_app import selectors, services
 from sessions_app.auth import mint_client_token
 from sessions_app.consumers import parse_after
-from sessions_app.errors import BatonError, forbidden, too_large
+from sessions_app.errors import BatonError, forbidden, not_found, too_large
 from sessions_app.identity import Author, Principal
+from sessions_app.streams import compacted_snapshot_frame
 from sessions_app.wire import format_ts, message_to_wire, session_to_wire
 
 MAX_HISTORY_PAGE = 1000
@@ -156,11 +157,18 @@ class SessionEventsView(APIView):
         if not 1 <= limit <= MAX_HISTORY_PAGE:
             raise BatonError("invalid", f"'limit' must be between 1 and {MAX_HISTORY_PAGE}.")
         types = selectors.parse_type_patterns(request.query_params.get("types"))
-        head = selectors.get_head(session_id)
-        if head is None:
-            selectors.get_session(session_id)  # raises not_found
+        positions = selectors.get_positions(session_id)
+        if positions is None:
+            raise not_found()
+        head, compacted = positions
         if after > head:
             raise BatonError("bad_after", f"'after' is {after} but the session head is {head}.")
+        snapshot = None
+        if 0 < after < compacted:
+            # The tokens of this range were compacted: the messages as of its end, then on.
+            messages = selectors.get_compacted_snapshot(session_id=session_id, through=compacted)
+            snapshot = compacted_snapshot_frame(compacted, messages)
+            after = compacted
         events = selectors.list_wire_events(
             session_id=session_id,
             after=after,
@@ -170,13 +178,15 @@ class SessionEventsView(APIView):
             include_private=principal.sees_private,
         )
         next_after = events[-1]["seq"] if len(events) == limit else max(after, head or 0)
-        return Response(
-            {
-                "events": events,
-                "next_after": next_after,
-                "head": head,
-            }
-        )
+        body = {
+            "events": events,
+            "next_after": next_after,
+            "head": head,
+        }
+        if snapshot is not None:
+            del snapshot["op"]
+            body["snapshot"] = snapshot
+        return Response(body)
 
     @extend_schema(
         request=OpenApiTypes.OBJECT,

@@ -63,6 +63,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         self.sender: asyncio.Task[None] | None = None
         self.attach_started = False
         self.closing = False
+        self.torn_down = False
         self.received_seq: int | None = None
         self.flushed_seq: int | None = None
         self.flushed_at = 0.0
@@ -294,7 +295,23 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
 
     # ------------------------------------------------------------------ teardown
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Tear down even when the consumer dies without a `websocket.disconnect`.
+
+        A client that drops while the server is still sending (e.g. during the attach) makes
+        that send raise; uvicorn swallows the error silently and never delivers a disconnect,
+        which would leave the connection open in the database — a ghost member for as long as
+        this worker lives. Such a death is a lost connection (1006).
+        """
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.disconnect(1006)
+
     async def disconnect(self, code: int) -> None:
+        if getattr(self, "torn_down", True):  # never connected, or already torn down
+            return
+        self.torn_down = True
         for task in list(self.acks):
             task.cancel()  # the appends still commit; only their acks have nowhere to go
         if self.sender is not None:

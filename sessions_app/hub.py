@@ -38,6 +38,9 @@ EPHEMERAL_MESSAGE = "baton.ephemeral"
 REPAIR_GRACE_SECONDS = 0.05
 GROUP_REFRESH_SECONDS = 30.0
 IDLE_FEED_SECONDS = 30.0
+# Bound on one channel-layer call: a hung Redis must not stall the sender or an attach.
+LAYER_CALL_TIMEOUT = 5.0
+LAYER_RETRY_MAX_SECONDS = 2.0
 
 
 def group_name(session_id: str) -> str:
@@ -83,6 +86,7 @@ class Feed:
         self.last_event_at = time.monotonic()
         self.empty_since: float | None = None
         self.behind_checks = 0
+        self.joined = False  # holds its channel-layer group membership
 
     def on_events(self, events: list[dict[str, Any]] | list[WireEvent]) -> None:
         self.last_event_at = time.monotonic()
@@ -151,6 +155,7 @@ class Hub:
         self.outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self.tasks: list[asyncio.Task[Any]] = []
         self.started = False
+        self.closed = False  # shut down: a late publish must not start it again
         self.start_lock = asyncio.Lock()
         self.stats = {"repairs": 0, "repaired_events": 0, "layer_errors": 0}
         from sessions_app.writer import EventWriter
@@ -171,13 +176,37 @@ class Hub:
             if self.started:
                 return
             if self.remote:
-                self.channel_name = await self.layer.new_channel("baton.hub.")
-                self.tasks.append(self.spawn(self._receive_loop()))
+                # With the layer down, start anyway: feeds then follow the database (gap repair,
+                # head check) and join their groups once the layer is back.
+                if not await self._open_channel():
+                    self.tasks.append(self.spawn(self._open_channel_until_done()))
                 self.tasks.append(self.spawn(self._send_loop()))
             self.tasks.append(self.spawn(self._maintenance_loop()))
             self.started = True
 
+    async def _open_channel(self) -> bool:
+        try:
+            name = await asyncio.wait_for(self.layer.new_channel("baton.hub."), LAYER_CALL_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.stats["layer_errors"] += 1
+            log.warning("channel layer unavailable; feeds follow the database for now")
+            return False
+        self.channel_name = name
+        self.tasks.append(self.spawn(self._receive_loop()))
+        return True
+
+    async def _open_channel_until_done(self) -> None:
+        delay = 0.2
+        while not await self._open_channel():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LAYER_RETRY_MAX_SECONDS)
+        for feed in list(self.feeds.values()):
+            await self._join(feed, late=True)
+
     async def shutdown(self) -> None:
+        self.closed = True
         await self.writer.close()
         tasks = [*self.tasks, *(f.repair_task for f in self.feeds.values() if f.repair_task)]
         for task in tasks:
@@ -223,11 +252,37 @@ class Hub:
     async def _start_feed(self, feed: Feed) -> None:
         from sessions_app.selectors import get_head
 
-        if self.remote:
-            await self.layer.group_add(group_name(feed.session_id), self.channel_name)
+        await self._join(feed)
         head = await database_sync_to_async(get_head)(feed.session_id)
         feed.delivered = head or 0
         feed.drain()
+
+    async def _join(self, feed: Feed, late: bool = False) -> bool:
+        """Join the feed's group; a failure is retried by the maintenance loop, never raised
+        (an attach must work while the layer is down — the feed then follows the database)."""
+        if not self.remote:
+            feed.joined = True
+        if feed.joined:
+            return True
+        if self.channel_name is None:
+            return False
+        try:
+            await asyncio.wait_for(
+                self.layer.group_add(group_name(feed.session_id), self.channel_name),
+                LAYER_CALL_TIMEOUT,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.stats["layer_errors"] += 1
+            log.warning("could not join the group of %s; will retry", feed.session_id)
+            return False
+        feed.joined = True
+        if late:
+            # Events published before this late join were missed: let the next head check
+            # repair at once instead of waiting for a second look.
+            feed.behind_checks = max(feed.behind_checks, 1)
+        return True
 
     def unsubscribe(self, session_id: str, subscriber: Subscriber) -> None:
         feed = self.feeds.get(session_id)
@@ -245,6 +300,7 @@ class Hub:
         if feed is not None:
             feed.on_events(events)
         if self.remote:
+            self._ensure_sender()
             self.outbox.put_nowait((session_id, {"type": EVENTS_MESSAGE, "e": events}))
 
     def publish_ephemeral(
@@ -252,7 +308,14 @@ class Hub:
     ) -> None:
         self._deliver_ephemeral(session_id, payload, exclude)
         if self.remote:
+            self._ensure_sender()
             self.outbox.put_nowait((session_id, {"type": EPHEMERAL_MESSAGE, "p": payload}))
+
+    def _ensure_sender(self) -> None:
+        """A process that only publishes (REST, or sockets that never attach) has a hub that
+        nothing started: start it, or its outbox would never reach the other processes."""
+        if not self.started and not self.closed and not self.start_lock.locked():
+            self.spawn(self.ensure_started())
 
     def _deliver_ephemeral(
         self, session_id: str, payload: dict[str, Any], exclude: Subscriber | None = None
@@ -280,7 +343,9 @@ class Hub:
                     batch.append({**nxt, "s": sid, "o": self.worker_id})
             for item in batch:
                 try:
-                    await self.layer.group_send(group_name(item["s"]), item)
+                    await asyncio.wait_for(
+                        self.layer.group_send(group_name(item["s"]), item), LAYER_CALL_TIMEOUT
+                    )
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -316,11 +381,14 @@ class Hub:
 
     async def _refresh_groups(self) -> None:
         """Re-join every group: a restarted Redis forgets memberships."""
-        if not self.remote:
+        if not self.remote or self.channel_name is None:
             return
         for session_id in list(self.feeds):
             try:
-                await self.layer.group_add(group_name(session_id), self.channel_name)
+                await asyncio.wait_for(
+                    self.layer.group_add(group_name(session_id), self.channel_name),
+                    LAYER_CALL_TIMEOUT,
+                )
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -333,15 +401,21 @@ class Hub:
         from sessions_app.selectors import get_heads
 
         heartbeat_every = settings.BATON_HEARTBEAT_SECONDS
+        reap_every = settings.BATON_REAP_SECONDS
         head_every = settings.BATON_HEAD_CHECK_SECONDS
-        next_heartbeat = next_head = 0.0
+        next_heartbeat = next_reap = next_head = 0.0
         next_refresh = time.monotonic() + GROUP_REFRESH_SECONDS
         while True:
             now = time.monotonic()
             try:
                 if now >= next_heartbeat:
                     next_heartbeat = now + heartbeat_every
-                    await database_sync_to_async(_heartbeat_and_reap)(self.worker_id)
+                    await database_sync_to_async(_heartbeat)(self.worker_id)
+                if now >= next_reap:
+                    # Reaping runs more often than the heartbeat so that a dead worker's
+                    # presence is gone within timeout + reap_every, not timeout + heartbeat.
+                    next_reap = now + reap_every
+                    await database_sync_to_async(_reap)()
                 if now >= next_head and self.feeds:
                     next_head = now + head_every
                     heads = await database_sync_to_async(get_heads)(list(self.feeds))
@@ -359,12 +433,15 @@ class Hub:
                 if now >= next_refresh:
                     next_refresh = now + GROUP_REFRESH_SECONDS
                     await self._refresh_groups()
+                for feed in [f for f in self.feeds.values() if not f.joined]:
+                    if not await self._join(feed, late=True):
+                        break  # the layer is still down; try again next tick
                 await self._sweep_idle_feeds()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("hub maintenance failed; will retry", exc_info=True)
-            await asyncio.sleep(min(heartbeat_every, head_every, 1.0))
+            await asyncio.sleep(min(heartbeat_every, reap_every, head_every, 1.0))
 
     async def _sweep_idle_feeds(self) -> None:
         now = time.monotonic()
@@ -381,10 +458,15 @@ class Hub:
                     await self.layer.group_discard(group_name(session_id), self.channel_name)
 
 
-def _heartbeat_and_reap(worker_id: str) -> None:
-    from sessions_app.services import heartbeat_worker, reap_presence
+def _heartbeat(worker_id: str) -> None:
+    from sessions_app.services import heartbeat_worker
 
     heartbeat_worker(worker_id=worker_id)
+
+
+def _reap() -> None:
+    from sessions_app.services import reap_presence
+
     reap_presence()
 
 
@@ -448,6 +530,11 @@ def _publish_now(session_id: str, events: list[dict[str, Any]]) -> None:
         return
     message = {"type": EVENTS_MESSAGE, "e": events, "s": session_id, "o": "external"}
     try:
-        async_to_sync(layer.group_send)(group_name(session_id), message)
+        async_to_sync(_bounded_group_send)(layer, group_name(session_id), message)
     except Exception:
         log.warning("channel layer send failed; subscribers will repair", exc_info=True)
+
+
+async def _bounded_group_send(layer: Any, group: str, message: dict[str, Any]) -> None:
+    """A request thread must not hang on a stalled layer: the events are durable anyway."""
+    await asyncio.wait_for(layer.group_send(group, message), LAYER_CALL_TIMEOUT)

@@ -18,6 +18,10 @@ class Session(models.Model):
     controller = models.JSONField(null=True, blank=True)
     # Highest allocated seq; the one counter every append increments under the row lock.
     last_seq = models.BigIntegerField(default=0)
+    # Retention: the message.append/update events of every message created at or before this
+    # seq were folded into the message's create event (`compact_sessions`). A resume from inside
+    # (0, compacted_through) starts with a snapshot of the messages as of compacted_through.
+    compacted_through = models.BigIntegerField(default=0)
     created_by = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

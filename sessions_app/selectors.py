@@ -69,6 +69,23 @@ def get_head(session_id: str) -> int | None:
     return Session.objects.filter(pk=session_id).values_list("last_seq", flat=True).first()
 
 
+def get_positions(session_id: str) -> tuple[int, int] | None:
+    """(head, compacted_through) of a session, or None if there is no such session."""
+    return (
+        Session.objects.filter(pk=session_id).values_list("last_seq", "compacted_through").first()
+    )
+
+
+def get_compacted_snapshot(*, session_id: str, through: int) -> list[Message]:
+    """The messages created at or before `through`, a compacted prefix: they are final and
+    unchanged since, so their current state is their state as of `through`."""
+    return list(
+        Message.objects.filter(session_id=session_id, created_seq__lte=through).order_by(
+            "created_seq"
+        )
+    )
+
+
 def get_heads(session_ids: Sequence[str]) -> dict[str, int]:
     return dict(Session.objects.filter(pk__in=list(session_ids)).values_list("id", "last_seq"))
 

@@ -67,6 +67,8 @@ async def event_stream(request: HttpRequest, session_id: str) -> HttpResponse:
         waiter: asyncio.Task[Any] | None = None
         try:
             yield "retry: 2000\n\n"
+            if subscription.snapshot is not None:
+                yield f"event: snapshot\ndata: {json.dumps(subscription.snapshot)}\n\n"
             async for page in subscription.history():
                 yield _sse_events(page)
             attached = {"head": head, "replayed": subscription.replayed}

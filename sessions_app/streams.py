@@ -19,7 +19,13 @@ from django.conf import settings
 from sessions_app import event_types as et
 from sessions_app.errors import BatonError
 from sessions_app.hub import Hub, WireEvent, get_hub
-from sessions_app.selectors import get_head, get_message_snapshot, list_wire_events, type_matcher
+from sessions_app.selectors import (
+    get_compacted_snapshot,
+    get_message_snapshot,
+    get_positions,
+    list_wire_events,
+    type_matcher,
+)
 from sessions_app.wire import message_to_wire
 
 
@@ -30,6 +36,15 @@ class SlowConsumer(Exception):
 def events_frame(events: Sequence[WireEvent]) -> str:
     """One `events` frame from pre-encoded events: no per-connection JSON encoding."""
     return '{"op":"events","events":[' + ",".join(e.json for e in events) + "]}"
+
+
+def compacted_snapshot_frame(through: int, messages: Sequence[Any]) -> dict[str, Any]:
+    return {
+        "op": "snapshot",
+        "seq": through,
+        "compacted": True,
+        "messages": [message_to_wire(m) for m in messages],
+    }
 
 
 class Subscription:
@@ -96,9 +111,18 @@ class Subscription:
                 }
                 head = seq
             else:
-                head = await database_sync_to_async(get_head)(self.session_id)
-                if head is None:
+                positions = await database_sync_to_async(get_positions)(self.session_id)
+                if positions is None:
                     raise BatonError("not_found", "No such session.", 404)
+                head, compacted = positions
+                if 0 < self.after < compacted <= head:
+                    # Tokens inside a compacted range are gone: start from the messages as of
+                    # the end of that range instead, then go on after it.
+                    messages = await database_sync_to_async(get_compacted_snapshot)(
+                        session_id=self.session_id, through=compacted
+                    )
+                    self.snapshot = compacted_snapshot_frame(compacted, messages)
+                    self.position = compacted
             if self.after > head:
                 raise BatonError(
                     "bad_after", f"'after' is {self.after} but the session head is {head}.", 400

@@ -239,6 +239,28 @@ def live_server_proc(
 
 
 @pytest.fixture
+def make_cluster(
+    transactional_db: None, tmp_path: Path
+) -> Iterator[Callable[..., list[ServerProcess]]]:
+    """Start `n` worker processes sharing the test database (and REDIS_URL, when set)."""
+    started: list[ServerProcess] = []
+
+    def factory(n: int = 2, **env: str) -> list[ServerProcess]:
+        workers = []
+        for _ in range(n):
+            worker = ServerProcess(port=free_port(), env=server_env(**env))
+            worker.log_path = tmp_path / f"worker-{len(started)}.log"
+            started.append(worker)
+            worker.start()
+            workers.append(worker)
+        return workers
+
+    yield factory
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
 def server(live_server_proc: ServerProcess, transactional_db: None) -> Iterator[ServerProcess]:
     """The live server, with this test's writes committed so the server sees them."""
     if live_server_proc.process is None or live_server_proc.process.poll() is not None:
