@@ -98,8 +98,9 @@ class CloseView(APIView):
 
 
 class ExportView(APIView):
-    """NDJSON of the whole log. Operators get every event; agent keys get what agents may see
-    (visibility `all`): internal notes and diagnostics never leave the operators' side."""
+    """NDJSON of the whole log, for audit: every event with its visibility and authorship.
+    Only back-end credentials (operators, agent keys) export; live user and agent connections
+    still never receive internal notes or diagnostics."""
 
     @extend_schema(responses={(200, "application/x-ndjson"): OpenApiTypes.STR})
     def get(self, request: Request, session_id: str) -> Any:
@@ -108,7 +109,7 @@ class ExportView(APIView):
             raise forbidden("Only operators and agent keys export a session.")
         get_session(session_id)  # 404 before the stream starts
         response = StreamingHttpResponse(
-            _ndjson(session_id, include_private=principal.sees_private),
+            _ndjson(session_id, include_private=True),
             content_type="application/x-ndjson",
         )
         response["Content-Disposition"] = f'attachment; filename="{session_id}.ndjson"'

@@ -170,10 +170,15 @@ def test_export_is_ndjson_of_the_full_log_for_operators(session, operator_api):
     assert lines[0]["author"]["kind"] == "agent" and lines[0]["message_id"] == "m1"
 
 
-def test_export_for_agent_keys_leaves_out_operator_only_events(api, session, make_token):
+def test_export_for_agent_keys_is_the_full_audit_log(api, session, make_token):
     _seed(session.id)
     lines = ndjson(api.get(url(session.id, "export")))
-    assert [e["type"] for e in lines] == ["message.create", "progress.tool", "message.complete"]
+    assert [(e["type"], e["visibility"]) for e in lines] == [
+        ("message.create", "all"),
+        ("progress.tool", "all"),
+        ("message.complete", "all"),
+        ("note.internal", "operators"),
+    ]
     error(bearer(make_token(session.id)).get(url(session.id, "export")), 403, "forbidden")
     error(api.get(url("ses_missing", "export")), 404, "not_found")
 
