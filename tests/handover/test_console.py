@@ -179,7 +179,9 @@ def test_admin_session_pages_filters_and_escaped_transcript(admin_client, sessio
     )
     found = admin_client.get("/admin/sessions_app/session/?q=onerror")
     assert session.id in found.content.decode()
-    page = admin_client.get(f"/admin/sessions_app/session/{session.id}/change/").content.decode()
+    response = admin_client.get(f"/admin/sessions_app/session/{session.id}/change/")
+    page = response.content.decode()
+    assert response.status_code == 200, (response.status_code, response.get("Location"))
     assert "Transcript" in page
     assert HOSTILE not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
