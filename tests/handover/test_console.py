@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.test import Client
+from django.urls import reverse
 
 from handover import services
 from sessions_app.identity import Author
@@ -155,6 +157,10 @@ def test_console_scripts_never_use_html_sinks():
 # --------------------------------------------------------------------------- admin
 
 
+def admin_change_url(session: Any) -> str:
+    return reverse("admin:sessions_app_session_change", args=[session.id])
+
+
 @pytest.fixture
 def admin_client(db: None) -> Client:
     from django.contrib.auth.models import User
@@ -179,7 +185,9 @@ def test_admin_session_pages_filters_and_escaped_transcript(admin_client, sessio
     )
     found = admin_client.get("/admin/sessions_app/session/?q=onerror")
     assert session.id in found.content.decode()
-    response = admin_client.get(f"/admin/sessions_app/session/{session.id}/change/")
+    # reverse() quotes the pk as the admin does ("_" is its escape character: a raw
+    # "ses_24…" would be read back as "ses$…").
+    response = admin_client.get(admin_change_url(session))
     page = response.content.decode()
     assert response.status_code == 200, (response.status_code, response.get("Location"))
     assert "Transcript" in page
@@ -223,5 +231,5 @@ def test_demo_operator_uses_the_console_and_reads_the_admin(session):
     assert client.login(username="operator", password="operator")
     assert client.get("/console/").status_code == 200
     assert client.get("/admin/sessions_app/session/").status_code == 200
-    assert client.get(f"/admin/sessions_app/session/{session.id}/change/").status_code == 200
+    assert client.get(admin_change_url(session)).status_code == 200
     assert client.get("/admin/sessions_app/agentkey/add/").status_code == 403
