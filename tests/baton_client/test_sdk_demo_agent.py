@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,30 +15,32 @@ from baton_client import BatonClient
 from .conftest import REPO, LiveServer
 
 
-@pytest.fixture
-def demo_agent(own_server: LiveServer) -> Iterator[subprocess.Popen[bytes]]:
+@contextlib.contextmanager
+def running_demo_agent(server: LiveServer, token_delay: float) -> Iterator[subprocess.Popen[bytes]]:
     """On a server of its own: the demo agent joins every session it can list."""
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "baton_client.demo_agent",
-            "--url",
-            own_server.url,
-            "--key",
-            own_server.agent_key,
-            "--token-delay",
-            "0.01",
-            "--poll",
-            "0.2",
+            *("--url", server.url, "--key", server.agent_key),
+            *("--token-delay", str(token_delay), "--poll", "0.2"),
         ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    yield proc
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def demo_agent(own_server: LiveServer) -> Iterator[subprocess.Popen[bytes]]:
+    with running_demo_agent(own_server, token_delay=0.01) as proc:
+        yield proc
 
 
 async def test_demo_agent_answers_cancels_and_hands_over(
@@ -86,21 +89,8 @@ async def test_demo_agent_answers_cancels_and_hands_over(
 @pytest.fixture
 def slow_demo_agent(own_server: LiveServer) -> Iterator[subprocess.Popen[bytes]]:
     """The demo agent at a pace slow enough to leave in the middle of a reply."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "baton_client.demo_agent",
-            *("--url", own_server.url, "--key", own_server.agent_key),
-            *("--token-delay", "0.25", "--poll", "0.2"),
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    yield proc
-    proc.terminate()
-    proc.wait(10)
+    with running_demo_agent(own_server, token_delay=0.25) as proc:
+        yield proc
 
 
 async def test_demo_agent_pauses_while_no_user_is_present(
