@@ -137,36 +137,31 @@ def claim(*, session_id: str, operator: Author, user_id: int | None = None) -> A
 def release(*, session_id: str, operator: Author, reason: str = "") -> AppendResult:
     """Hand the session back to the agent: `handover.released`, status `active`."""
     data = {"operator": operator.id, **({"reason": reason} if reason else {})}
-    (result,) = append_events(
-        session_id=session_id,
-        author=operator,
-        events=[EventInput(et.HANDOVER_RELEASED, data)],
-        system=True,
-    )
-    _resolve(session_id, "released")
-    _notify_after_commit(session_id, "released")
-    return result
+    return _end_handover(session_id, operator, et.HANDOVER_RELEASED, data, "released")
 
 
 @transaction.atomic
 def close(*, session_id: str, author: Author, reason: str = "") -> AppendResult:
     """Close the session for good: `session.closed`; every later publish gets `session_closed`."""
     data = {"reason": reason} if reason else {}
+    return _end_handover(session_id, author, et.SESSION_CLOSED, data, "closed")
+
+
+def _end_handover(
+    session_id: str, author: Author, event_type: str, data: dict[str, Any], outcome: str
+) -> AppendResult:
+    """Append the transition event and resolve the open Handover row with `outcome`."""
     (result,) = append_events(
         session_id=session_id,
         author=author,
-        events=[EventInput(et.SESSION_CLOSED, data)],
+        events=[EventInput(event_type, data)],
         system=True,
     )
-    _resolve(session_id, "closed")
-    _notify_after_commit(session_id, "closed")
-    return result
-
-
-def _resolve(session_id: str, outcome: str) -> None:
     Handover.objects.filter(session_id=session_id, resolved_at__isnull=True).update(
         resolved_at=timezone.now(), outcome=outcome
     )
+    _notify_after_commit(session_id, outcome)
+    return result
 
 
 def _handover_from_log(session_id: str, *, fallback_seq: int) -> Handover:
