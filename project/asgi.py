@@ -14,9 +14,9 @@ if settings.BATON_SERVE_STATIC:
     # baton.js and the console assets are small; serving them here keeps one process enough.
     django_asgi_app = ASGIStaticFilesHandler(django_asgi_app)
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from project.websocket_auth import CookieUserMiddleware  # noqa: E402
 from project.websocket_routes import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -24,6 +24,6 @@ application = ProtocolTypeRouter(
         "http": django_asgi_app,
         # Origin is checked per credential in sessions_app.auth: cookie-authenticated sockets
         # must come from an allowed origin; token-authenticated ones may come from anywhere.
-        "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
+        "websocket": CookieUserMiddleware(URLRouter(websocket_urlpatterns)),
     }
 )

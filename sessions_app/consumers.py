@@ -8,6 +8,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
@@ -61,6 +62,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         self.subscription: Subscription | None = None
         self.connection_id: str | None = None
         self.sender: asyncio.Task[None] | None = None
+        self.live = False  # set once `attached` is out: live frames must follow it
         self.attach_started = False
         self.closing = False
         self.torn_down = False
@@ -142,6 +144,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             types=types,
             include_private=self.principal.sees_private,
             hub=get_hub(),
+            on_ready=self.live_ready,
         )
         try:
             head = await subscription.open(snapshot=bool(content.get("snapshot")))
@@ -152,7 +155,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         if subscription.snapshot is not None:
             await self.send_json(subscription.snapshot)
         async for page in subscription.history():
-            await self.send(text_data=events_frame(page))
+            await self.send_text(events_frame(page))
         conn = await database_sync_to_async(open_connection)(
             session_id=self.session_id,
             author=self.principal.author,
@@ -176,7 +179,8 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
                 "controller": session.controller,
             }
         )
-        self.sender = asyncio.get_running_loop().create_task(self.send_live())
+        self.live = True
+        self.live_ready()  # whatever arrived during the replay
 
     async def op_publish(self, content: dict[str, Any]) -> None:
         assert self.principal is not None
@@ -261,13 +265,22 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
 
     # ------------------------------------------------------------------ frames out
 
+    def live_ready(self) -> None:
+        """The subscription has something pending: start a sender unless one is running.
+
+        Senders exist only while there is something to send, so an idle socket holds no task.
+        """
+        if self.live and self.sender is None and not self.torn_down:
+            self.sender = asyncio.get_running_loop().create_task(self.send_live())
+
     async def send_live(self) -> None:
         assert self.subscription is not None
+        subscription = self.subscription
         try:
-            while True:
-                events, ephemeral = await self.subscription.next_live()
+            while subscription.has_pending():
+                events, ephemeral = await subscription.take_live()
                 if events:
-                    await self.send(text_data=events_frame(events))
+                    await self.send_text(events_frame(events))
                 for payload in ephemeral:
                     await self.send_json(payload)
         except SlowConsumer:
@@ -280,6 +293,18 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         except Exception:
             log.exception("live sender failed for %s", self.session_id)
             await self.close(code=1011)
+        finally:
+            if self.sender is asyncio.current_task():
+                self.sender = None
+
+    async def send_text(self, text: str) -> None:
+        """Straight to the server's send: Channels' generic `send` adds two layers per frame."""
+        await self.base_send({"type": "websocket.send", "text": text})
+
+    async def send_json(self, content: Any, close: bool = False) -> None:
+        await self.send_text(json.dumps(content, separators=(",", ":"), ensure_ascii=False))
+        if close:
+            await self.close()
 
     async def send_error(self, code: str, message: str, ref: Any = None) -> None:
         frame: dict[str, Any] = {"op": "error", "code": code, "message": message}
@@ -294,6 +319,14 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         await self.close(code=close_code)
 
     # ------------------------------------------------------------------ teardown
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Channels' dispatch closes stale database connections before every frame, a thread
+        hop per publish; our database work runs in `database_sync_to_async`, which does it."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Tear down even when the consumer dies without a `websocket.disconnect`.
@@ -314,10 +347,11 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         self.torn_down = True
         for task in list(self.acks):
             task.cancel()  # the appends still commit; only their acks have nowhere to go
-        if self.sender is not None:
-            self.sender.cancel()
+        sender, self.sender = self.sender, None
+        if sender is not None:
+            sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.sender
+                await sender
         if self.subscription is not None:
             self.subscription.close()
         if self.connection_id is not None:

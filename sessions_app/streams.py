@@ -9,8 +9,7 @@ back-filling from the database if a hole ever shows.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -57,6 +56,7 @@ class Subscription:
         include_private: bool,
         max_buffer: int | None = None,
         hub: Hub | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.session_id = session_id
         self.after = after
@@ -67,9 +67,12 @@ class Subscription:
         self.hub = hub or get_hub()
         self.position = after  # highest seq already handled (sent or filtered out)
         self.head = after
-        self.buffer: deque[WireEvent] = deque()
-        self.ephemeral: deque[dict[str, Any]] = deque()
-        self.wake = asyncio.Event()
+        self.buffer: list[WireEvent] = []
+        self.ephemeral: list[dict[str, Any]] = []
+        # Who hears that something is pending: a callback (the WebSocket starts a sender task
+        # only then, so an idle socket holds no task), or else an Event for `next_live` (SSE).
+        self.on_ready = on_ready
+        self.wake: asyncio.Event | None = None if on_ready is not None else asyncio.Event()
         self.overflowed = False
         self.joined = False
         self.replayed = 0
@@ -83,12 +86,21 @@ class Subscription:
         if len(self.buffer) > self.max_buffer:
             self.overflowed = True
             self.buffer.clear()
-        self.wake.set()
+        self._ready()
 
     def push_ephemeral(self, payload: dict[str, Any]) -> None:
         if len(self.ephemeral) < 1000:
             self.ephemeral.append(payload)
+            self._ready()
+
+    def _ready(self) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+        elif self.wake is not None:
             self.wake.set()
+
+    def has_pending(self) -> bool:
+        return self.overflowed or bool(self.buffer) or bool(self.ephemeral)
 
     def visible(self, event: WireEvent) -> bool:
         if not self.include_private and event.visibility != et.VISIBILITY_ALL:
@@ -157,17 +169,18 @@ class Subscription:
 
     async def next_live(self) -> tuple[list[WireEvent], list[dict[str, Any]]]:
         """Wait for live events; returns (visible events in order, ephemeral payloads)."""
-        while True:
-            if self.overflowed:
-                raise SlowConsumer()
-            if self.buffer or self.ephemeral:
-                break
+        assert self.wake is not None, "a subscription with on_ready is drained with take_live"
+        while not self.has_pending():
             self.wake.clear()
             await self.wake.wait()
-        ephemeral = list(self.ephemeral)
-        self.ephemeral.clear()
-        pending = list(self.buffer)
-        self.buffer.clear()
+        return await self.take_live()
+
+    async def take_live(self) -> tuple[list[WireEvent], list[dict[str, Any]]]:
+        """What is pending now: (visible events in order, ephemeral payloads); may be empty."""
+        if self.overflowed:
+            raise SlowConsumer()
+        ephemeral, self.ephemeral = self.ephemeral, []
+        pending, self.buffer = self.buffer, []
         out: list[WireEvent] = []
         for event in pending:
             if event.seq <= self.position:
