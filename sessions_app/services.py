@@ -34,7 +34,7 @@ from sessions_app.models import (
     Session,
     Worker,
 )
-from sessions_app.wire import event_to_wire
+from sessions_app.wire import event_to_wire, event_wire
 
 MAX_CLIENT_REF = 100
 MAX_MESSAGE_ID = 64
@@ -449,24 +449,295 @@ class AppendRequest:
 
 
 def append_many(requests: Sequence[AppendRequest]) -> list[list[AppendResult] | BatonError]:
-    """Group commit: several publishers' appends in ONE transaction, each in a savepoint.
+    """Group commit: several publishers' appends in ONE transaction.
 
-    Requests are applied in session-id order (stable within a session), so concurrent batches
-    in other processes lock session rows in the same order and cannot deadlock. A refused
-    request yields its BatonError in its slot; the others commit.
+    Sessions are taken in id order, each session's requests in submission order, so concurrent
+    batches in other processes lock session rows in the same order and cannot deadlock, and one
+    connection's acks follow its seqs. Streamed tokens and plain events go through the fast lane
+    (raw SQL, a few statements for the whole run); everything else, and any fast run that meets
+    a problem, goes request by request through `append_events`, each in its own savepoint. A
+    refused request yields its BatonError in its slot; the others commit.
     """
-    order = sorted(range(len(requests)), key=lambda i: requests[i].session_id)
+    by_session: dict[str, list[int]] = {}
+    for i, request in enumerate(requests):
+        by_session.setdefault(request.session_id, []).append(i)
+    candidates = [_fast_lane_eligible(request) for request in requests]
+    known = _known_client_refs([r for r, ok in zip(requests, candidates, strict=True) if ok])
     outcomes: list[list[AppendResult] | BatonError] = [[] for _ in requests]
     with transaction.atomic():
-        for i in order:
-            request = requests[i]
-            try:
-                outcomes[i] = append_events(
-                    session_id=request.session_id, author=request.author, events=request.events
-                )
-            except BatonError as exc:
-                outcomes[i] = exc
+        fast: list[int] = []
+        for session_id in sorted(by_session):
+            indices = by_session[session_id]
+            refs: set[tuple[str, str, str]] = set()
+            run = 0
+            while run < len(indices) and _fresh_refs(
+                requests[indices[run]], candidates[indices[run]], known, refs
+            ):
+                run += 1
+            fast += indices[:run]
+            if run < len(indices):
+                # Keep submission order: the run so far commits before this session's slow tail.
+                _append_fast(requests, fast, outcomes)
+                fast = []
+                for i in indices[run:]:
+                    outcomes[i] = _append_isolated(requests[i])
+        _append_fast(requests, fast, outcomes)
     return outcomes
+
+
+def _append_isolated(request: AppendRequest) -> list[AppendResult] | BatonError:
+    try:
+        return append_events(
+            session_id=request.session_id, author=request.author, events=request.events
+        )
+    except BatonError as exc:
+        return exc
+
+
+def _fast_lane_eligible(request: AppendRequest) -> bool:
+    """Only token appends and plain events: no status change, no message state beyond content,
+    nothing the author may not publish. Anything else takes `append_events`."""
+    refs: set[str] = set()
+    for item in request.events:
+        if item.type == et.MESSAGE_APPEND:
+            if not item.message_id or not isinstance(item.data.get("delta"), str):
+                return False
+        elif (
+            item.type in et.MESSAGE_TYPES
+            or item.type in _TRANSITIONS
+            or _visibility_for(item.type) != et.VISIBILITY_ALL
+        ):
+            return False
+        try:
+            _check_author_may_publish(request.author, item)
+        except BatonError:
+            return False
+        if item.client_ref:
+            if item.client_ref in refs:
+                return False
+            refs.add(item.client_ref)
+    return True
+
+
+def _fresh_refs(
+    request: AppendRequest,
+    eligible: bool,
+    known: set[tuple[str, str, str, str]],
+    seen: set[tuple[str, str, str]],
+) -> bool:
+    """True if `request` may join the fast run: none of its client_refs is stored already or
+    used by an earlier request of the run (those are duplicates `append_events` resolves)."""
+    if not eligible:
+        return False
+    author = request.author
+    keys = [(author.kind, author.id, item.client_ref) for item in request.events if item.client_ref]
+    if any((request.session_id, *key) in known or key in seen for key in keys):
+        return False
+    seen.update(keys)
+    return True
+
+
+def _known_client_refs(requests: Sequence[AppendRequest]) -> set[tuple[str, str, str, str]]:
+    """The (session, author kind, author id, client_ref) of these requests that are stored
+    already, in as few SELECTs as the backend's parameter limit allows (via the unique index)."""
+    wanted: dict[tuple[str, str, str], list[str]] = {}
+    for request in requests:
+        refs = [item.client_ref for item in request.events if item.client_ref]
+        if refs:
+            key = (request.session_id, request.author.kind, request.author.id)
+            wanted.setdefault(key, []).extend(refs)
+    if not wanted:
+        return set()
+    table = connection.ops.quote_name(Event._meta.db_table)
+    limit = min(connection.features.max_query_params or 999, 999)
+    found: set[tuple[str, str, str, str]] = set()
+    chunks: list[list[tuple[tuple[str, str, str], list[str]]]] = [[]]
+    size = 0
+    for key, refs in wanted.items():
+        if chunks[-1] and size + 3 + len(refs) > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((key, refs))
+        size += 3 + len(refs)
+    with connection.cursor() as cursor:
+        for chunk in chunks:
+            terms = " OR ".join(
+                "(session_id = %s AND author_kind = %s AND author_id = %s AND client_ref IN ("
+                + ", ".join(["%s"] * len(refs))
+                + "))"
+                for _, refs in chunk
+            )
+            params = [value for key, refs in chunk for value in (*key, *refs)]
+            cursor.execute(
+                "SELECT session_id, author_kind, author_id, client_ref "
+                f"FROM {table} WHERE client_ref IS NOT NULL AND ({terms})",
+                params,
+            )
+            found.update(cursor.fetchall())
+    return found
+
+
+class _FastLaneMiss(Exception):
+    """A fast run met something only `append_events` words precisely; roll it back and retry."""
+
+
+def _append_fast(
+    requests: Sequence[AppendRequest],
+    indices: list[int],
+    outcomes: list[list[AppendResult] | BatonError],
+) -> None:
+    """Write a run of eligible requests (ordered by session, then submission) in one savepoint.
+
+    Problems are rare (closed or human-held session, message missing or finished, someone
+    else's message, a racing duplicate client_ref): the savepoint is rolled back, consuming no
+    seq, and the run goes request by request through `append_events`, which says why.
+    """
+    if not indices:
+        return
+    try:
+        with transaction.atomic():
+            results, wires = _write_fast(requests, indices)
+    except (_FastLaneMiss, BatonError, IntegrityError):
+        for i in indices:
+            outcomes[i] = _append_isolated(requests[i])
+        return
+    for session_id, events in wires.items():
+        publish_after_commit(session_id, events)
+    for i, request_results in results.items():
+        outcomes[i] = request_results
+
+
+def _write_fast(
+    requests: Sequence[AppendRequest], indices: list[int]
+) -> tuple[dict[int, list[AppendResult]], dict[str, list[dict[str, Any]]]]:
+    """Per session one seq allocation; per message one conditional UPDATE; one INSERT for all
+    events. Raw SQL: ORM query building cost ~1 ms of CPU per publish on this path."""
+    now = timezone.now()
+    db_now = Event._meta.get_field("created_at").get_db_prep_save(now, connection)
+    data_field = Event._meta.get_field("data")
+    rows: list[tuple[Any, ...]] = []
+    results: dict[int, list[AppendResult]] = {}
+    wires: dict[str, list[dict[str, Any]]] = {}
+    # (session, message, author kind, author id) -> [deltas, count, last seq]
+    appends: dict[tuple[str, str, str, str], list[Any]] = {}
+    by_session: dict[str, list[int]] = {}
+    for i in indices:
+        by_session.setdefault(requests[i].session_id, []).append(i)
+    for session_id, group in by_session.items():
+        count = sum(len(requests[i].events) for i in group)
+        if not count:
+            continue
+        head, status, _controller = _allocate(session_id, count, now)
+        if status == et.STATUS_CLOSED or (
+            status == et.STATUS_WITH_HUMAN
+            and any(
+                requests[i].author.kind == et.KIND_AGENT
+                and any(item.type in et.MESSAGE_TYPES for item in requests[i].events)
+                for i in group
+            )
+        ):
+            raise _FastLaneMiss(session_id)
+        seq = head - count
+        session_wires = wires[session_id] = []
+        for i in group:
+            author = requests[i].author
+            request_results = results[i] = []
+            for item in requests[i].events:
+                seq += 1
+                event_id = new_event_id()
+                visibility = _visibility_for(item.type)
+                rows.append(
+                    (
+                        event_id,
+                        session_id,
+                        seq,
+                        item.type,
+                        item.message_id,
+                        author.kind,
+                        author.id,
+                        author.name,
+                        data_field.get_db_prep_save(item.data, connection),
+                        visibility,
+                        item.client_ref,
+                        db_now,
+                    )
+                )
+                session_wires.append(
+                    event_wire(
+                        seq,
+                        event_id,
+                        session_id,
+                        item.type,
+                        item.message_id,
+                        author.kind,
+                        author.id,
+                        author.name,
+                        item.data,
+                        visibility,
+                        now,
+                    )
+                )
+                request_results.append(AppendResult(seq, event_id, item.message_id, False))
+                if item.type == et.MESSAGE_APPEND:
+                    key = (session_id, item.message_id or "", author.kind, author.id)
+                    state = appends.setdefault(key, [[], 0, 0])
+                    state[0].append(item.data["delta"])
+                    state[1] += 1
+                    state[2] = seq
+    if not rows:
+        return results, wires
+    quote = connection.ops.quote_name
+    columns = ", ".join(
+        quote(Event._meta.get_field(name).column)
+        for name in (
+            "id",
+            "session",
+            "seq",
+            "type",
+            "message_id",
+            "author_kind",
+            "author_id",
+            "author_name",
+            "data",
+            "visibility",
+            "client_ref",
+            "created_at",
+        )
+    )
+    with connection.cursor() as cursor:
+        if appends:
+            cursor.executemany(
+                f"UPDATE {quote(Message._meta.db_table)} SET content = content || %s, "
+                "version = version + %s, last_seq = %s, updated_at = %s "
+                "WHERE session_id = %s AND message_id = %s AND status = %s "
+                "AND author_kind = %s AND author_id = %s",
+                [
+                    (
+                        "".join(deltas),
+                        count,
+                        last_seq,
+                        db_now,
+                        session_id,
+                        message_id,
+                        et.MESSAGE_STREAMING,
+                        kind,
+                        author_id,
+                    )
+                    for (session_id, message_id, kind, author_id), (
+                        deltas,
+                        count,
+                        last_seq,
+                    ) in appends.items()
+                ],
+            )
+            if cursor.rowcount != len(appends):
+                raise _FastLaneMiss("message")
+        cursor.executemany(
+            f"INSERT INTO {quote(Event._meta.db_table)} ({columns}) "
+            f"VALUES ({', '.join(['%s'] * 12)})",
+            rows,
+        )
+    return results, wires
 
 
 def _append_in_place(
