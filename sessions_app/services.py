@@ -476,17 +476,17 @@ def append_many(requests: Sequence[AppendRequest]) -> list[list[AppendResult] | 
             refs: set[tuple[str, str, str]] = set()
             run = 0
             while run < len(indices) and _fresh_refs(
-                requests[indices[run]], candidates[indices[run]], known, refs
+                requests[indices[run]], eligible=candidates[indices[run]], known=known, seen=refs
             ):
                 run += 1
             fast += indices[:run]
             if run < len(indices):
                 # Keep submission order: the run so far commits before this session's slow tail.
-                _append_fast(requests, fast, outcomes)
+                _append_fast(requests=requests, indices=fast, outcomes=outcomes)
                 fast = []
                 for i in indices[run:]:
                     outcomes[i] = _append_isolated(requests[i])
-        _append_fast(requests, fast, outcomes)
+        _append_fast(requests=requests, indices=fast, outcomes=outcomes)
     return outcomes
 
 
@@ -526,6 +526,7 @@ def _fast_lane_eligible(request: AppendRequest) -> bool:
 
 def _fresh_refs(
     request: AppendRequest,
+    *,
     eligible: bool,
     known: set[tuple[str, str, str, str]],
     seen: set[tuple[str, str, str]],
@@ -587,6 +588,7 @@ class _FastLaneMiss(Exception):
 
 
 def _append_fast(
+    *,
     requests: Sequence[AppendRequest],
     indices: list[int],
     outcomes: list[list[AppendResult] | BatonError],
@@ -601,7 +603,7 @@ def _append_fast(
         return
     try:
         with transaction.atomic(), connection.cursor() as cursor:
-            results, wires = _write_fast(requests, indices, cursor=cursor)
+            results, wires = _write_fast(requests=requests, indices=indices, cursor=cursor)
     except (_FastLaneMiss, BatonError, IntegrityError):
         for i in indices:
             outcomes[i] = _append_isolated(requests[i])
@@ -613,7 +615,7 @@ def _append_fast(
 
 
 def _write_fast(
-    requests: Sequence[AppendRequest], indices: list[int], *, cursor: CursorWrapper
+    *, requests: Sequence[AppendRequest], indices: list[int], cursor: CursorWrapper
 ) -> tuple[dict[int, list[AppendResult]], dict[str, list[dict[str, Any]]]]:
     """Per session one seq allocation; per message one conditional UPDATE; one INSERT for all
     events. Raw SQL: ORM query building cost ~1 ms of CPU per publish on this path."""
