@@ -555,29 +555,32 @@ def _known_client_refs(requests: Sequence[AppendRequest]) -> set[tuple[str, str,
     if not wanted:
         return set()
     table = connection.ops.quote_name(Event._meta.db_table)
+    # SQLite allows 999 parameters (older builds) and 500 terms of a compound SELECT.
     limit = min(connection.features.max_query_params or 999, 999)
     found: set[tuple[str, str, str, str]] = set()
     chunks: list[list[tuple[tuple[str, str, str], list[str]]]] = [[]]
     size = 0
-    for key, refs in wanted.items():
-        if chunks[-1] and size + 3 + len(refs) > limit:
-            chunks.append([])
-            size = 0
-        chunks[-1].append((key, refs))
-        size += 3 + len(refs)
+    for key, all_refs in wanted.items():
+        for start in range(0, len(all_refs), limit - 3):
+            refs = all_refs[start : start + limit - 3]
+            if chunks[-1] and size + 3 + len(refs) > limit:
+                chunks.append([])
+                size = 0
+            chunks[-1].append((key, refs))
+            size += 3 + len(refs)
+    select = (
+        f"SELECT session_id, author_kind, author_id, client_ref FROM {table} "
+        "WHERE session_id = %s AND author_kind = %s AND author_id = %s AND client_ref IN ({})"
+    )
     with connection.cursor() as cursor:
         for chunk in chunks:
-            terms = " OR ".join(
-                "(session_id = %s AND author_kind = %s AND author_id = %s AND client_ref IN ("
-                + ", ".join(["%s"] * len(refs))
-                + "))"
-                for _, refs in chunk
-            )
-            params = [value for key, refs in chunk for value in (*key, *refs)]
+            # UNION ALL of exact index lookups: the plan cannot drift to scanning an author's
+            # refs across sessions, as an OR of the same conditions may on Postgres.
             cursor.execute(
-                "SELECT session_id, author_kind, author_id, client_ref "
-                f"FROM {table} WHERE client_ref IS NOT NULL AND ({terms})",
-                params,
+                " UNION ALL ".join(
+                    select.format(", ".join(["%s"] * len(refs))) for _, refs in chunk
+                ),
+                [value for key, refs in chunk for value in (*key, *refs)],
             )
             found.update(cursor.fetchall())
     return found
