@@ -1,4 +1,5 @@
-"""Writes. `append_events` is the only function that allocates sequence numbers.
+"""Writes. Sequence numbers come only from `_allocate`: via `append_events` (the general path)
+or `append_many`'s fast lane (streamed tokens and plain events, in bulk).
 
 Every durable change to a session is an event appended here, in one transaction with the state it
 derives (message materialization, session status, controller); fan-out happens after commit.
@@ -226,7 +227,7 @@ def append_events(
     events: Sequence[EventInput],
     system: bool = False,
 ) -> list[AppendResult]:
-    """Append events atomically; the one place seqs are allocated.
+    """Append events atomically: the general path, every rule of an append in one place.
 
     `system=True` is for the server's own events (presence, handover, diagnostics): it may use
     server-only types and write to closed sessions. A repeated `client_ref` of the same author
