@@ -3,15 +3,18 @@ general path (seqs, refusals, idempotency, materialization, fan-out after commit
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
+from channels.db import database_sync_to_async
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from sessions_app import event_types as et
 from sessions_app import services
 from sessions_app.errors import BatonError
+from sessions_app.hub import get_hub
 from sessions_app.identity import Author
 from sessions_app.models import Event, Message, Session
 from sessions_app.services import (
@@ -338,3 +341,55 @@ def test_token_appends_take_a_statement_per_session_not_per_publish(make_session
     for s in sessions:
         m = Message.objects.get(session=s, message_id="m")
         assert (m.content, m.version, m.last_seq) == ("".join(f"{i}," for i in range(10)), 11, 11)
+
+
+def test_a_publish_of_several_events_stays_contiguous_in_the_fast_lane(make_session):
+    s, other = make_session(), make_session()
+    create(s.id, "m")
+    create(other.id, "m")
+    several = AppendRequest(
+        session_id=s.id,
+        author=AGENT,
+        events=[
+            EventInput(et.MESSAGE_APPEND, {"delta": "a"}, "m", "x1"),
+            EventInput("progress.tool", {"name": "search"}, client_ref="x2"),
+            EventInput(et.MESSAGE_APPEND, {"delta": "b"}, "m", "x3"),
+        ],
+    )
+    outcomes = append_many([token(s.id, "m", "0"), several, token(other.id, "m", "z")])
+    assert [seqs_of(o) for o in outcomes] == [[2], [3, 4, 5], [2]]
+    assert [r.message_id for r in outcomes[1]] == ["m", None, "m"]  # type: ignore[union-attr]
+    m = Message.objects.get(session=s, message_id="m")
+    assert (m.content, m.version, m.last_seq) == ("0ab", 4, 5)
+    assert [t for _, t, _ in stored(s.id)] == [
+        "message.create",
+        "message.append",
+        "message.append",
+        "progress.tool",
+        "message.append",
+    ]
+
+
+@pytest.mark.usefixtures("hub_cleanup")
+async def test_the_writer_answers_each_publish_of_a_shared_batch(make_session):
+    a = await database_sync_to_async(make_session)()
+    b = await database_sync_to_async(make_session)()
+    for s in (a, b):
+        await database_sync_to_async(create)(s.id, "m")
+    writer = get_hub().writer
+    before = writer.stats["batches"]
+    futures = [  # queued before the writer runs: one batch
+        writer.submit(session_id=r.session_id, author=r.author, events=r.events)
+        for r in (
+            token(a.id, "m", "x", client_ref="w1"),
+            token(b.id, "nope", "y"),
+            token(a.id, "m", "y", client_ref="w2"),
+            token(b.id, "m", "z"),
+        )
+    ]
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert writer.stats["batches"] == before + 1
+    assert [seqs_of(o) for i, o in enumerate(outcomes) if i != 1] == [[2], [3], [2]]
+    assert isinstance(outcomes[1], BatonError) and outcomes[1].code == "message_not_found"
+    m = await database_sync_to_async(Message.objects.get)(session=a, message_id="m")
+    assert m.content == "xy"
