@@ -599,9 +599,11 @@ def _append_fast(
 ) -> None:
     """Write a run of eligible requests (ordered by session, then submission) in one savepoint.
 
-    Problems are rare (closed or human-held session, message missing or finished, someone
-    else's message, a racing duplicate client_ref): the savepoint is rolled back, consuming no
-    seq, and the run goes request by request through `append_events`, which says why.
+    Problems are rare but real (tokens in flight when a message is cancelled or a human takes
+    over; a missing message, someone else's, a racing duplicate client_ref): the savepoint is
+    rolled back, consuming no seq, and the run is halved by session until the sessions at fault
+    are alone; their requests go one by one through `append_events`, which says why. Their
+    neighbours stay in the fast lane, so one misbehaving publisher cannot slow the batch down.
     """
     if not indices:
         return
@@ -609,8 +611,18 @@ def _append_fast(
         with transaction.atomic(), connection.cursor() as cursor:
             results, wires = _write_fast(requests=requests, indices=indices, cursor=cursor)
     except (_FastLaneMiss, BatonError, IntegrityError):
-        for i in indices:
-            outcomes[i] = _append_isolated(requests[i])
+        session_ids = sorted({requests[i].session_id for i in indices})
+        if len(session_ids) == 1:
+            for i in indices:
+                outcomes[i] = _append_isolated(requests[i])
+            return
+        first = set(session_ids[: len(session_ids) // 2])  # halves keep the session order
+        for half in (True, False):
+            _append_fast(
+                requests=requests,
+                indices=[i for i in indices if (requests[i].session_id in first) is half],
+                outcomes=outcomes,
+            )
         return
     for session_id, events in wires.items():
         publish_after_commit(session_id, events)

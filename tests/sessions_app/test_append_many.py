@@ -240,9 +240,34 @@ def test_a_refusal_in_a_batch_is_exact_and_its_neighbours_commit(
     assert seqs_of(outcomes[3]) == [3]
     assert Message.objects.get(session=before, message_id="m").content == "a"
     assert Message.objects.get(session=after, message_id="m").content == "b"
-    # A refusal sends its run through the general path: fan-out per request, still in order.
     assert {s for s, _ in published} == {before.id, after.id}
+    assert [sid for sid, _ in published].count(before.id) == 1  # still one fast run
     assert fanned(published, before.id) == [2, 3]
+
+
+def test_only_the_session_at_fault_leaves_the_fast_lane(make_session, monkeypatch):
+    """Tokens still in flight when a message is cancelled: the refusal is exact, and the other
+    sessions of the batch are not pushed onto the general path with it."""
+    sessions = [make_session() for _ in range(9)]
+    for s in sessions:
+        create(s.id, "m")
+    _complete(sessions[4])
+    general: list[str] = []
+    real = services.append_events
+
+    def counted(**kwargs: Any) -> list[AppendResult]:
+        general.append(kwargs["session_id"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(services, "append_events", counted)
+    requests = [token(s.id, "m", "t", client_ref=f"k{n}") for n in range(2) for s in sessions]
+    outcomes = append_many(requests)
+    assert general == [sessions[4].id, sessions[4].id]
+    for i, outcome in enumerate(outcomes):
+        if i % 9 == 4:
+            assert isinstance(outcome, BatonError) and outcome.code == "message_not_streaming"
+        else:
+            assert seqs_of(outcome) == [2 + i // 9]
 
 
 def test_an_agent_may_still_publish_plain_events_while_a_human_holds_the_session(
