@@ -601,8 +601,8 @@ def _append_fast(
 
     Problems are rare but real (tokens in flight when a message is cancelled or a human takes
     over; a missing message, someone else's, a racing duplicate client_ref): the savepoint is
-    rolled back, consuming no seq, and the run is halved by session until the sessions at fault
-    are alone; their requests go one by one through `append_events`, which says why. Their
+    rolled back, consuming no seq, the sessions at fault are found (or, for a race, the run is
+    halved) and only their requests go one by one through `append_events`, which says why. Their
     neighbours stay in the fast lane, so one misbehaving publisher cannot slow the batch down.
     """
     if not indices:
@@ -611,23 +611,77 @@ def _append_fast(
         with transaction.atomic(), connection.cursor() as cursor:
             results, wires = _write_fast(requests=requests, indices=indices, cursor=cursor)
     except (_FastLaneMiss, BatonError, IntegrityError):
-        session_ids = sorted({requests[i].session_id for i in indices})
-        if len(session_ids) == 1:
-            for i in indices:
-                outcomes[i] = _append_isolated(requests[i])
+        by_session: dict[str, list[int]] = {}
+        for i in indices:  # already in session order
+            by_session.setdefault(requests[i].session_id, []).append(i)
+        if len(by_session) == 1:
+            at_fault = set(by_session)
+        else:
+            at_fault = _sessions_at_fault(requests=requests, indices=indices)
+        if not at_fault:  # a race, no state to blame: halve the run
+            half = len(by_session) // 2
+            for sessions in (list(by_session)[:half], list(by_session)[half:]):
+                part = [i for session_id in sessions for i in by_session[session_id]]
+                _append_fast(requests=requests, indices=part, outcomes=outcomes)
             return
-        first = set(session_ids[: len(session_ids) // 2])  # halves keep the session order
-        for half in (True, False):
-            _append_fast(
-                requests=requests,
-                indices=[i for i in indices if (requests[i].session_id in first) is half],
-                outcomes=outcomes,
-            )
+        part = []
+        for session_id, mine in by_session.items():  # in session order: locks stay ordered
+            if session_id in at_fault:
+                _append_fast(requests=requests, indices=part, outcomes=outcomes)
+                part = []
+                for i in mine:
+                    outcomes[i] = _append_isolated(requests[i])
+            else:
+                part += mine
+        _append_fast(requests=requests, indices=part, outcomes=outcomes)
         return
     for session_id, events in wires.items():
         publish_after_commit(session_id, events)
     for i, request_results in results.items():
         outcomes[i] = request_results
+
+
+def _sessions_at_fault(*, requests: Sequence[AppendRequest], indices: list[int]) -> set[str]:
+    """After a fast run missed: the sessions whose state refuses one of their requests there
+    (missing, closed, held by a human against an agent's message, an append to a message that is
+    not the author's streaming one). Two reads, only on this rare path."""
+    session_ids = sorted({requests[i].session_id for i in indices})
+    quote = connection.ops.quote_name
+    status: dict[str, str] = {}
+    streaming: set[tuple[str, str, str, str]] = set()
+    with connection.cursor() as cursor:
+        for start in range(0, len(session_ids), 900):
+            chunk = session_ids[start : start + 900]
+            marks = ", ".join(["%s"] * len(chunk))
+            cursor.execute(
+                f"SELECT id, status FROM {quote(Session._meta.db_table)} WHERE id IN ({marks})",
+                chunk,
+            )
+            status.update(cursor.fetchall())
+            cursor.execute(
+                "SELECT session_id, message_id, author_kind, author_id FROM "
+                f"{quote(Message._meta.db_table)} WHERE status = %s AND session_id IN ({marks})",
+                [et.MESSAGE_STREAMING, *chunk],
+            )
+            streaming.update(cursor.fetchall())
+    at_fault: set[str] = set()
+    for i in indices:
+        session_id, author, events = requests[i].session_id, requests[i].author, requests[i].events
+        if (
+            status.get(session_id) in (None, et.STATUS_CLOSED)
+            or (
+                status[session_id] == et.STATUS_WITH_HUMAN
+                and author.kind == et.KIND_AGENT
+                and any(item.type in et.MESSAGE_TYPES for item in events)
+            )
+            or any(
+                item.type == et.MESSAGE_APPEND
+                and (session_id, item.message_id, author.kind, author.id) not in streaming
+                for item in events
+            )
+        ):
+            at_fault.add(session_id)
+    return at_fault
 
 
 def _write_fast(

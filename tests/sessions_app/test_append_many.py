@@ -308,22 +308,40 @@ def test_duplicate_client_refs_return_the_original_and_store_nothing(make_sessio
 
 
 def test_a_racing_duplicate_found_only_at_insert_falls_back_to_the_general_path(
-    session, monkeypatch
+    make_session, monkeypatch
 ):
     """Another process stored the ref after the bulk check: the unique index catches it, the
-    fast run rolls back, and the general path answers with the original."""
-    create(session.id, "m")
-    (original,) = append_many([token(session.id, "m", "x", client_ref="r1")])
+    fast run rolls back and is halved until that session is alone, and the general path
+    answers it with the original; the other sessions stay in the fast lane."""
+    sessions = [make_session() for _ in range(5)]
+    for s in sessions:
+        create(s.id, "m")
+    culprit = sessions[3].id
+    (original,) = append_many([token(culprit, "m", "x", client_ref="r1")])
     monkeypatch.setattr(services, "_known_client_refs", lambda requests: set())
-    outcomes = append_many(
-        [token(session.id, "m", "x", client_ref="r1"), token(session.id, "m", "y")]
-    )
-    assert outcomes[0] == [
+    general: list[str] = []
+    real = services.append_events
+
+    def counted(**kwargs: Any) -> list[AppendResult]:
+        general.append(kwargs["session_id"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(services, "append_events", counted)
+    requests = [token(s.id, "m", "a", client_ref="r1") for s in sessions]
+    requests.append(token(culprit, "m", "y"))
+    outcomes = append_many(requests)
+
+    assert general == [culprit, culprit]
+    assert outcomes[3] == [
         AppendResult(2, original[0].id, "m", duplicate=True)  # type: ignore[index]
     ]
-    assert seqs_of(outcomes[1]) == [3]
-    assert Message.objects.get(session=session, message_id="m").content == "xy"
-    assert Session.objects.get(pk=session.id).last_seq == 3
+    assert seqs_of(outcomes[5]) == [3]
+    assert Message.objects.get(session_id=culprit, message_id="m").content == "xy"
+    assert Session.objects.get(pk=culprit).last_seq == 3
+    for i, s in enumerate(sessions):
+        if s.id != culprit:
+            assert seqs_of(outcomes[i]) == [2]
+            assert Message.objects.get(session=s, message_id="m").content == "a"
 
 
 def test_mixed_batch_keeps_submission_order_within_a_session(make_session, published):
