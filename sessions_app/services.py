@@ -482,7 +482,7 @@ def append_many(requests: Sequence[AppendRequest]) -> list[list[AppendResult] | 
                 run += 1
             fast += indices[:run]
             if run < len(indices):
-                # Keep submission order: the run so far commits before this session's slow tail.
+                # Keep submission order: the run so far is written before this session's slow tail.
                 _append_fast(requests=requests, indices=fast, outcomes=outcomes)
                 fast = []
                 for i in indices[run:]:
