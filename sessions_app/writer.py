@@ -1,10 +1,12 @@
 """Group commit for the streaming path.
 
-Publishes from this process's WebSockets queue here and are written together: one transaction
-per batch, each publish isolated in a savepoint, so one refused publish never fails its
-neighbours. The batch is ordered by session id (stable), so two processes' batches always take
-session row locks in the same order and cannot deadlock. A caller's ack waits for the commit,
-so the delivery guarantee is unchanged: nothing is acknowledged or broadcast before it is durable.
+Publishes from this process's WebSockets queue here and are written together by `append_many`:
+one transaction per batch; token appends and plain events share a few raw statements, anything
+else (and a run that meets a refusal) goes publish by publish in savepoints, so one refused
+publish never fails its neighbours. The batch is ordered by session id (stable), so two
+processes' batches always take session row locks in the same order and cannot deadlock. A
+caller's ack waits for the commit, so the delivery guarantee is unchanged: nothing is
+acknowledged or broadcast before it is durable.
 """
 
 from __future__ import annotations
