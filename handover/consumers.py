@@ -18,7 +18,7 @@ from django.conf import settings
 
 from handover import selectors
 from handover.services import CONSOLE_GROUP
-from sessions_app.auth import AuthError, check_origin, principal_from_user
+from sessions_app.auth import AuthError, check_origin, principal_from_user, scope_user
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ DEBOUNCE_SECONDS = 0.05
 
 
 def _authorize(scope: dict[str, Any]) -> None:
-    user = scope.get("user")
-    if user is None or not getattr(user, "is_authenticated", False):
+    user = scope_user(scope)
+    if not getattr(user, "is_authenticated", False):
         raise AuthError("Log in to the console first.")
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     check_origin(headers)

@@ -16,14 +16,13 @@ if settings.BATON_SERVE_STATIC:
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from project.websocket_auth import CookieUserMiddleware  # noqa: E402
 from project.websocket_routes import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        # Origin is checked per credential in sessions_app.auth: cookie-authenticated sockets
-        # must come from an allowed origin; token-authenticated ones may come from anywhere.
-        "websocket": CookieUserMiddleware(URLRouter(websocket_urlpatterns)),
+        # Credentials are read by the consumers (sessions_app.auth.authenticate_scope, also the
+        # operator's session cookie, with its Origin checked); no auth middleware wraps sockets.
+        "websocket": URLRouter(websocket_urlpatterns),
     }
 )

@@ -69,8 +69,9 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         self.received_seq: int | None = None
         self.flushed_seq: int | None = None
         self.flushed_at = 0.0
-        self.inflight = asyncio.Semaphore(MAX_PIPELINED_PUBLISHES)
-        self.acks: set[asyncio.Task[None]] = set()
+        # Made on the first publish: most sockets only subscribe, and each socket's bytes count.
+        self.inflight: asyncio.Semaphore | None = None
+        self.acks: set[asyncio.Task[None]] | None = None
         await self.accept()
         try:
             principal = await database_sync_to_async(authenticate_scope)(self.scope)
@@ -197,6 +198,9 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             raise BatonError("bad_frame", "publish needs 'event' or 'events'.")
         # Pipelined: queue the append now and read the next frame while it commits, so one
         # fast stream shares commits with itself; acks still go out in publish order.
+        if self.inflight is None or self.acks is None:
+            self.inflight = asyncio.Semaphore(MAX_PIPELINED_PUBLISHES)
+            self.acks = set()
         await self.inflight.acquire()
         future = get_hub().writer.submit(
             session_id=self.session_id, author=self.principal.author, events=items
@@ -214,6 +218,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             await self.send_error(exc.code, exc.message, ref)
             return
         finally:
+            assert self.inflight is not None
             self.inflight.release()
         if batch:
             await self.send_json(
@@ -345,7 +350,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         if getattr(self, "torn_down", True):  # never connected, or already torn down
             return
         self.torn_down = True
-        for task in list(self.acks):
+        for task in list(self.acks or ()):
             task.cancel()  # the appends still commit; only their acks have nowhere to go
         sender, self.sender = self.sender, None
         if sender is not None:
