@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
@@ -53,8 +54,7 @@ def parse_after(raw: Any) -> int:
 
 
 class SessionConsumer(AsyncJsonWebsocketConsumer):
-    # No per-socket channel-layer channel: the process hub does all fan-out.
-    channel_layer_alias = "baton-no-per-socket-layer"
+    # No per-socket channel-layer channel: the process hub does all fan-out (see __call__).
 
     async def connect(self) -> None:
         self.session_id: str = self.scope["url_route"]["kwargs"]["session_id"]
@@ -334,15 +334,26 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         await handler(message)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        """Tear down even when the consumer dies without a `websocket.disconnect`.
+        """Read frames in a plain loop and tear down however the socket ends.
 
-        A client that drops while the server is still sending (e.g. during the attach) makes
-        that send raise; uvicorn swallows the error silently and never delivers a disconnect,
-        which would leave the connection open in the database — a ghost member for as long as
-        this worker lives. Such a death is a lost connection (1006).
+        Channels' loop (`await_many_dispatch`) exists to multiplex a per-socket channel-layer
+        channel, which this consumer does not have (the hub fans out); for one source it costs
+        a task and an `asyncio.wait` per frame and a task per idle socket.
+
+        Teardown runs even when the consumer dies without a `websocket.disconnect`: a client
+        that drops while the server is still sending (e.g. during the attach) makes that send
+        raise; uvicorn swallows the error silently and never delivers a disconnect, which would
+        leave the connection open in the database — a ghost member for as long as this worker
+        lives. Such a death is a lost connection (1006).
         """
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
         try:
-            await super().__call__(scope, receive, send)
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
         finally:
             await self.disconnect(1006)
 

@@ -75,6 +75,21 @@ class Subscriber(Protocol):
 class Feed:
     """One session's contiguous event stream inside this process."""
 
+    # Slots: a process holds one Feed per watched session, thousands when sessions are idle.
+    __slots__ = (
+        "behind_checks",
+        "delivered",
+        "empty_since",
+        "hub",
+        "joined",
+        "last_event_at",
+        "pending",
+        "ready",
+        "repair_task",
+        "session_id",
+        "subscribers",
+    )
+
     def __init__(self, hub: Hub, session_id: str) -> None:
         self.hub = hub
         self.session_id = session_id

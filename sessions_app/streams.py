@@ -47,6 +47,27 @@ def compacted_snapshot_frame(through: int, messages: Sequence[Any]) -> dict[str,
 
 
 class Subscription:
+    # Slots: one per connected socket, so its size is per-socket memory.
+    __slots__ = (
+        "after",
+        "buffer",
+        "ephemeral",
+        "head",
+        "hub",
+        "include_private",
+        "joined",
+        "matches",
+        "max_buffer",
+        "on_ready",
+        "overflowed",
+        "position",
+        "replayed",
+        "session_id",
+        "snapshot",
+        "types",
+        "wake",
+    )
+
     def __init__(
         self,
         *,
