@@ -28,6 +28,11 @@ PG_DB = "baton_bench"
 REDIS_URL = "redis://127.0.0.1:6379/9"
 
 
+def probe_path(probe: Path, worker: int) -> Path:
+    """Each worker process writes its own commit-probe counts."""
+    return probe.with_name(f"{probe.stem}.{worker}.json")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -208,7 +213,7 @@ class Contender:
             "warning",
         ]
         if probe is not None:
-            return [py, "-m", "bench.sqlite_probe", str(probe), "--", *uv_args]
+            return [py, "-m", "bench.commit_probe", str(probe), "--", *uv_args]
         return [py, "-m", "uvicorn", *uv_args]
 
     def start(self, probe: Path | None = None) -> None:
@@ -218,7 +223,7 @@ class Contender:
         for i, port in enumerate(self.ports):
             log = (self.workdir / f"{self.key}.server{i}.log").open("ab")
             proc = subprocess.Popen(
-                self.command(port, probe),
+                self.command(port, probe and probe_path(probe, i)),
                 cwd=ROOT,
                 env=self.env(),
                 stdout=log,

@@ -463,12 +463,14 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         f"{plan['persist_window_s']:.0f} s; the counters are read right before the window and "
         "after it (the agents stop at the window's end, acks get "
         f"{plan.get('ack_grace_s', 2.0):.0f} s to arrive, then the server "
-        "is stopped before the last reading). SQLite: a trace callback installed by "
-        "`bench/sqlite_probe.py` around the unmodified server counts `COMMIT`s and autocommit "
-        "writes (write transactions only). Postgres: `pg_stat_database.xact_commit` of the bench "
-        "database (every transaction of every worker, read-only ones included; heartbeats and "
-        "head checks during the window count too), read from another database, with an 11 s "
-        "pause before the first reading so setup transactions are flushed to the statistics."
+        "is stopped before the last reading). `bench/commit_probe.py` around the unmodified "
+        "server counts write transactions in every worker: commits of transactions that wrote "
+        "plus writes made in autocommit (SQLite: a trace callback sees the engine's `COMMIT`s; "
+        "Postgres: a wrapper on each connection's statements and commit). Heartbeats, the "
+        "reaper and presence during the window count too. For Postgres the detail column also "
+        "gives `pg_stat_database.xact_commit` (`pg_xact_commit`, every transaction, read-only "
+        "autocommit SELECTs included), read from another database after an 11 s pause so "
+        "setup transactions are flushed to the statistics."
     )
     add("")
     add("| contender | tokens acked | transactions | commits/token | tokens/commit | detail |")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.contenders import PG_DB, PG_DSN, ROOT, Contender, all_contenders
+from bench.contenders import PG_DB, PG_DSN, ROOT, Contender, all_contenders, probe_path
 from bench.procstat import cpu_seconds, rss_bytes
 
 
@@ -242,7 +242,7 @@ class Bench:
 
     def persist(self, c: Contender) -> dict[str, Any]:
         """Stream tokens with K=1 and count DB transactions around exactly that window."""
-        probe = self.workdir / f"{c.key}.sqlite-probe.json"
+        probe = self.workdir / f"{c.key}.commit-probe.json"
         readings: dict[str, Any] = {}
 
         def pg_counts() -> dict[str, int]:
@@ -259,26 +259,29 @@ class Bench:
             return {"xact_commit": row[0], "tup_inserted": row[1], "tup_updated": row[2]}
 
         def on_sync(obj: dict[str, Any]) -> None:
-            if c.db == "postgres":
-                if obj["name"] == "window_start":
-                    # Idle backends flush their stats within 10 s (PGSTAT_IDLE_INTERVAL):
-                    # wait so setup transactions land before the "before" reading.
-                    time.sleep(11)
-                    readings["before"] = pg_counts()
-                else:
-                    c.stop()  # exiting backends flush their pending stats
-                    time.sleep(1.5)
-                    readings["after"] = pg_counts()
-            else:
+            name = "before" if obj["name"] == "window_start" else "after"
+            if name == "before" and c.db == "postgres":
+                # Idle backends flush their stats within 10 s (PGSTAT_IDLE_INTERVAL):
+                # wait so setup transactions land before the "before" reading.
+                time.sleep(11)
+            elif name == "before":
                 time.sleep(0.5)
-                if obj["name"] == "window_start":
-                    readings["before"] = json.loads(probe.read_text())
-                else:
-                    c.stop()
-                    time.sleep(0.3)
-                    readings["after"] = json.loads(probe.read_text())
+            else:
+                c.stop()  # exiting backends flush their pending stats; the probes dump
+                time.sleep(1.5 if c.db == "postgres" else 0.3)
+            counts = probe_counts()
+            if c.db == "postgres":
+                counts.update({f"pg_{k}": v for k, v in pg_counts().items()})
+            readings[name] = counts
 
-        c.start(probe=probe if c.db == "sqlite" else None)
+        def probe_counts() -> dict[str, int]:
+            total: dict[str, int] = {}
+            for i in range(c.workers):
+                for k, v in json.loads(probe_path(probe, i).read_text()).items():
+                    total[k] = total.get(k, 0) + v
+            return total
+
+        c.start(probe=probe)
         cfg = {
             **self.base_cfg(c),
             "mode": "fanout",
@@ -296,12 +299,8 @@ class Bench:
         delta = {k: after[k] - before[k] for k in before}
         published = step["published_per_s"] * step["window_s"]
         acks = step["acks_per_s"] * step["window_s"] + step.get("acks_after_window", 0)
-        if c.db == "postgres":
-            commits = delta["xact_commit"]
-            how = "pg_stat_database.xact_commit delta (all transactions, read-only included)"
-        else:
-            commits = delta["commits"] + delta["autocommit_writes"]
-            how = "SQLite trace callback: COMMITs + autocommit writes (write transactions)"
+        commits = delta["commits"] + delta["autocommit_writes"]
+        how = "commit probe: commits of transactions that wrote + autocommit writes"
         return {
             "tokens_published": published,
             "tokens_acked": acks,
