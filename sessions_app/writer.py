@@ -30,6 +30,7 @@ MAX_REQUESTS_PER_BATCH = 500
 class _Pending:
     request: AppendRequest
     future: asyncio.Future[list[AppendResult]] = field(repr=False)
+    queued_at: float = 0.0
 
 
 class EventWriter:
@@ -39,6 +40,7 @@ class EventWriter:
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.last_batch_size = 0
+        self.filled: asyncio.Future[None] | None = None  # resolved once a lingering batch is full
         self.stats = {"batches": 0, "requests": 0}
 
     def submit(
@@ -48,9 +50,20 @@ class EventWriter:
         future of its results, resolved once its batch has committed."""
         future: asyncio.Future[list[AppendResult]] = self.loop.create_future()
         self.queue.append(
-            _Pending(AppendRequest(session_id=session_id, author=author, events=events), future)
+            _Pending(
+                AppendRequest(session_id=session_id, author=author, events=events),
+                future,
+                self.loop.time(),
+            )
         )
         self.wake.set()
+        filled = self.filled
+        if (
+            filled is not None
+            and not filled.done()
+            and len(self.queue) >= settings.BATON_GROUP_COMMIT_BATCH
+        ):
+            filled.set_result(None)
         if self.task is None or self.task.done():
             self.task = self.loop.create_task(self._run(), context=contextvars.Context())
         return future
@@ -66,9 +79,8 @@ class EventWriter:
             self.wake.clear()
             if not self.queue:
                 continue
-            if self.last_batch_size > 1 and settings.BATON_GROUP_COMMIT_WINDOW > 0:
-                # Under concurrent load, linger briefly so more writers share one commit.
-                await asyncio.sleep(settings.BATON_GROUP_COMMIT_WINDOW)
+            if self.last_batch_size > 1:
+                await self._linger()
             batch: list[_Pending] = []
             while self.queue and len(batch) < MAX_REQUESTS_PER_BATCH:
                 pending = self.queue.popleft()
@@ -95,6 +107,29 @@ class EventWriter:
                     pending.future.set_exception(outcome)
                 else:
                     pending.future.set_result(outcome)
+
+    async def _linger(self) -> None:
+        """Under concurrent load, hold the batch while publishes keep arriving, until it is full
+        or its oldest request has waited the window: commits per token fall as load rises.
+
+        A lull of a quarter window ends the wait early, so publishers that send one frame and
+        wait for its ack (nothing more can arrive) are not held the whole window; a lone
+        writer (last batch of one) never lingers.
+        """
+        window = settings.BATON_GROUP_COMMIT_WINDOW
+        lull = window / 4
+        while window > 0 and len(self.queue) < settings.BATON_GROUP_COMMIT_BATCH:
+            remaining = self.queue[0].queued_at + window - self.loop.time()
+            if remaining <= 0:
+                return
+            queued = len(self.queue)
+            self.filled = self.loop.create_future()
+            try:
+                await asyncio.wait((self.filled,), timeout=min(lull, remaining))
+            finally:
+                self.filled = None
+            if len(self.queue) == queued:
+                return
 
     async def close(self) -> None:
         if self.task is not None:

@@ -117,3 +117,53 @@ async def test_concurrent_publishers_share_commits(make_session):
         assert seqs == list(range(2, 52))
         message = await database_sync_to_async(Message.objects.get)(session=s, message_id="m")
         assert message.content == "".join(f"{i}," for i in range(50))
+
+
+@pytest.fixture
+def linger(settings):
+    settings.BATON_GROUP_COMMIT_BATCH = 3
+    settings.BATON_GROUP_COMMIT_WINDOW = 30.0  # "forever": only a full batch or a lull ends it
+    return settings
+
+
+async def _two_at_once(writer, session_id: str) -> None:
+    """A batch of two: evidence of concurrency, so the next batch lingers."""
+    await asyncio.gather(
+        *(writer.append(session_id=session_id, author=AGENT, events=[_step(i)]) for i in (1, 2))
+    )
+    assert writer.last_batch_size == 2
+
+
+@pytest.mark.usefixtures("hub_cleanup")
+async def test_a_lingering_batch_commits_as_soon_as_it_is_full(make_session, linger):
+    session = await database_sync_to_async(make_session)()
+    writer = get_hub().writer
+    await _two_at_once(writer, session.id)
+    batches = writer.stats["batches"]
+
+    async def trickle() -> list[list[int]]:
+        first = writer.submit(session_id=session.id, author=AGENT, events=[_step(3)])
+        out = []
+        for i in (4, 5):  # each arrival inside the lull keeps the batch open
+            await asyncio.sleep(0.01)
+            out.append(writer.submit(session_id=session.id, author=AGENT, events=[_step(i)]))
+        return [[r.seq for r in res] for res in await asyncio.gather(first, *out)]
+
+    seqs = await asyncio.wait_for(trickle(), 10)
+    assert seqs == [[3], [4], [5]]
+    assert writer.stats["batches"] == batches + 1  # one commit for the three
+
+
+@pytest.mark.usefixtures("hub_cleanup")
+async def test_a_lull_ends_the_linger_for_publishers_waiting_on_acks(make_session, linger):
+    linger.BATON_GROUP_COMMIT_WINDOW = 4.0  # lull 1 s
+    session = await database_sync_to_async(make_session)()
+    writer = get_hub().writer
+    await _two_at_once(writer, session.id)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    (result,) = await writer.append(session_id=session.id, author=AGENT, events=[_step(3)])
+    assert result.seq == 3
+    # Alone after a batch of two: it lingered one lull, not the whole window, and not forever.
+    assert writer.last_batch_size == 1
+    assert loop.time() - started < 4.0
