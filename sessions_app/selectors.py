@@ -1,7 +1,7 @@
 """Reads. Everything that looks at sessions, the event log, messages and presence."""
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from django.db import connections, transaction
@@ -133,11 +133,11 @@ def list_wire_events(
 class EventWireJSON(Func):
     """An event's wire JSON (the content of `wire.event_wire`), as text built by the database.
 
-    Plain string concatenation rather than `json_object()` / `json_build_object()`: it keeps
-    `event_wire`'s key order and compact separators, embeds the stored `data` text as it is
-    (no re-parse), and truncates the timestamp to milliseconds exactly like `format_ts` (SQLite's
-    `strftime('%f')` rounds). SQLite stores a DateTimeField as naive UTC text,
-    'YYYY-MM-DD HH:MM:SS[.ffffff]'; Postgres' `to_char(... 'MS')` truncates.
+    SQLite: `json_object()`, the cheapest there. Postgres: a `||` chain, which keeps
+    `event_wire`'s compact separators (`json_build_object` writes `"seq" : 1`) and is cheaper
+    than `jsonb_build_object`. The timestamp is truncated to milliseconds exactly like
+    `format_ts`: SQLite stores a DateTimeField as naive UTC text 'YYYY-MM-DD HH:MM:SS[.ffffff]'
+    and is cut, not parsed (`strftime('%f')` rounds); Postgres' `to_char(... 'MS')` truncates.
     """
 
     output_field = TextField()
@@ -155,36 +155,7 @@ class EventWireJSON(Func):
             columns[name] = sql
         return columns
 
-    def _sql(
-        self,
-        compiler: Any,
-        *,
-        text: Callable[[str], str],
-        quote: Callable[[str], str],
-        json_text: Callable[[str], str],
-        ts: Callable[[str], str],
-    ) -> tuple[str, list[Any]]:
-        """`event_wire`'s keys and order as one `||` chain, from per-vendor SQL snippets."""
-        c = self._compile_columns(compiler)
-        pieces = [
-            ('{"seq":', text(c["seq"])),
-            (',"id":', quote(c["id"])),
-            (',"session":', quote(c["session_id"])),
-            (',"type":', quote(c["type"])),
-            (',"message_id":', quote(c["message_id"])),
-            (',"author":{"kind":', quote(c["author_kind"])),
-            (',"id":', quote(c["author_id"])),
-            (',"name":', quote(c["author_name"])),
-            ('},"data":', json_text(c["data"])),
-            (',"visibility":', quote(c["visibility"])),
-            (',"ts":"', ts(c["created_at"])),
-            ('Z"}', None),
-        ]
-        chain = [f"'{literal}'" + (f" || {sql}" if sql else "") for literal, sql in pieces]
-        return " || ".join(chain), []
-
     def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, list[Any]]:
-        # json_object() is SQLite's fastest way here (about a third less than a `||` chain).
         c = self._compile_columns(compiler)
         at = c["created_at"]
         ts = (
@@ -200,13 +171,30 @@ class EventWireJSON(Func):
         return sql, []
 
     def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, list[Any]]:
-        return self._sql(
-            compiler,
-            text=lambda col: f"{col}::text",
-            quote=lambda col: f"coalesce(to_json({col})::text, 'null')",
-            json_text=lambda col: f"{col}::text",
-            ts=lambda col: f"""to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS')""",
-        )
+        c = self._compile_columns(compiler)
+
+        def quote(name: str) -> str:
+            return f"coalesce(to_json({c[name]})::text, 'null')"
+
+        pieces = [
+            ('{"seq":', f"{c['seq']}::text"),
+            (',"id":', quote("id")),
+            (',"session":', quote("session_id")),
+            (',"type":', quote("type")),
+            (',"message_id":', quote("message_id")),
+            (',"author":{"kind":', quote("author_kind")),
+            (',"id":', quote("author_id")),
+            (',"name":', quote("author_name")),
+            ('},"data":', f"{c['data']}::text"),
+            (',"visibility":', quote("visibility")),
+            (
+                ',"ts":"',
+                f"""to_char({c["created_at"]} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS')""",
+            ),
+            ('Z"}', None),
+        ]
+        chain = [f"'{literal}'" + (f" || {sql}" if sql else "") for literal, sql in pieces]
+        return " || ".join(chain), []
 
 
 def list_event_json(
