@@ -9,6 +9,7 @@ back-filling from the database if a hole ever shows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -205,8 +206,9 @@ class Subscription:
                     self.replayed += len(batch)
                     yield batch
         finally:
-            if pending is not None:
-                pending.cancel()
+            if pending is not None and not pending.cancel():
+                with contextlib.suppress(BaseException):
+                    pending.exception()  # read ahead for a caller that left: an error is moot
 
     async def next_live(self) -> tuple[list[WireEvent], list[dict[str, Any]]]:
         """Wait for live events; returns (visible events in order, ephemeral payloads)."""

@@ -161,3 +161,22 @@ async def test_websocket_resume_over_pages_then_live(session, agent_key, setting
     live = await client.until_event("progress.live")
     assert client.seqs() == [*range(2, count + 1), live["seq"]]
     await client.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("hub_cleanup")
+async def test_leaving_a_replay_early_drops_the_read_ahead(session, settings):
+    settings.BATON_REPLAY_PAGE = 2
+    await database_sync_to_async(append_events)(
+        session_id=session.id,
+        author=AGENT,
+        events=[EventInput(type="progress.step", data={"i": i}) for i in range(6)],
+    )
+    sub = Subscription(session_id=session.id, after=0, types=None, include_private=False)
+    await sub.open()
+    pages = sub.history()
+    first = await anext(pages)
+    assert [e.seq for e in first] == [1, 2]
+    await pages.aclose()  # the read of the next page is in flight; it is cancelled, not leaked
+    assert sub.replayed == 2
+    sub.close()
