@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 
-from sessions_app import selectors
+from sessions_app import selectors, services
 from sessions_app.identity import Author
 from sessions_app.models import Event
-from sessions_app.services import EventInput, append_events
+from sessions_app.services import AppendRequest, EventInput, append_events, append_many
 from sessions_app.streams import Subscription
 from tests.sessions_app.conftest import WsClient
 
@@ -81,6 +81,40 @@ def test_event_json_equals_event_wire(session, monkeypatch, database_built):
     ]
     assert json.loads(rows[0][3])["message_id"] is None
     assert json.loads(rows[-1][3])["visibility"] == "operators"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_event_json_of_fast_lane_writes_equals_event_wire(session, monkeypatch):
+    """Events stored by append_many's raw-SQL fast lane read back the same way."""
+    fast_writes: list[int] = []
+    write_fast = services._write_fast
+
+    def spy(**kw: Any) -> Any:
+        out = write_fast(**kw)
+        fast_writes.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(services, "_write_fast", spy)
+    append_events(
+        session_id=session.id,
+        author=AGENT,
+        events=[EventInput("message.create", {"role": "assistant"}, message_id="m-ü")],
+    )
+    append_many(
+        [
+            AppendRequest(
+                session_id=session.id,
+                author=AGENT,
+                events=[EventInput("message.append", {"delta": f'tok"{i}\\ é'}, "m-ü")],
+            )
+            for i in range(5)
+        ]
+        + [AppendRequest(session.id, AGENT, [EventInput("progress.x", TRICKY_DATA[2])])]
+    )
+    assert fast_writes == [6]
+    wire, rows = _both(session.id)
+    assert len(rows) == 7
+    assert [json.loads(r[3]) for r in rows] == wire
 
 
 @pytest.mark.django_db
