@@ -9,6 +9,7 @@ back-filling from the database if a hole ever shows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from sessions_app.selectors import (
     get_compacted_snapshot,
     get_message_snapshot,
     get_positions,
+    list_event_json,
     list_wire_events,
     type_matcher,
 )
@@ -169,24 +171,44 @@ class Subscription:
         return head
 
     async def history(self) -> AsyncIterator[list[WireEvent]]:
-        """Pages of (position, head] from the database."""
+        """Pages of (position, head] from the database, each event's JSON built by the database.
+
+        The next page is read (on the DB thread) while the caller sends this one.
+        """
         page = settings.BATON_REPLAY_PAGE
-        while self.position < self.head:
-            rows = await database_sync_to_async(list_wire_events)(
-                session_id=self.session_id,
-                after=self.position,
-                upto=self.head,
-                limit=page,
-                types=self.types,
-                include_private=self.include_private,
+        read = database_sync_to_async(list_event_json)
+
+        def fetch(after: int) -> asyncio.Future[list[tuple[int, str, str, str]]]:
+            return asyncio.ensure_future(
+                read(
+                    session_id=self.session_id,
+                    after=after,
+                    upto=self.head,
+                    limit=page,
+                    types=self.types,
+                    include_private=self.include_private,
+                )
             )
-            if not rows:
-                self.position = self.head
-                break
-            self.position = self.head if len(rows) < page else rows[-1]["seq"]
-            batch = [WireEvent.from_dict(r) for r in rows]
-            self.replayed += len(batch)
-            yield batch
+
+        pending = fetch(self.position) if self.position < self.head else None
+        try:
+            while pending is not None:
+                rows = await pending
+                pending = None
+                if len(rows) < page:
+                    self.position = self.head
+                else:
+                    self.position = rows[-1][0]
+                    if self.position < self.head:
+                        pending = fetch(self.position)
+                if rows:
+                    batch = [WireEvent(*row) for row in rows]
+                    self.replayed += len(batch)
+                    yield batch
+        finally:
+            if pending is not None and not pending.cancel():
+                with contextlib.suppress(BaseException):
+                    pending.exception()  # read ahead for a caller that left: an error is moot
 
     async def next_live(self) -> tuple[list[WireEvent], list[dict[str, Any]]]:
         """Wait for live events; returns (visible events in order, ephemeral payloads)."""
