@@ -19,9 +19,8 @@ import contextvars
 import json
 import logging
 import time
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
@@ -47,9 +46,10 @@ def group_name(session_id: str) -> str:
     return f"baton.session.{session_id}"
 
 
-@dataclass(frozen=True, slots=True)
-class WireEvent:
-    """An event with its JSON encoded once per process, shared by every local connection."""
+class WireEvent(NamedTuple):
+    """An event with its JSON encoded once per process, shared by every local connection.
+
+    A tuple: a replay builds ten thousand of these, and a tuple is the cheapest to build."""
 
     seq: int
     type: str
