@@ -18,13 +18,12 @@ from sessions_app import event_types as et
 from sessions_app.auth import AuthError, authenticate_scope
 from sessions_app.errors import BatonError
 from sessions_app.hub import get_hub
-from sessions_app.identity import Author, Principal
-from sessions_app.models import Connection, Session
-from sessions_app.selectors import get_session, list_presence, parse_type_patterns
+from sessions_app.identity import Principal
+from sessions_app.selectors import get_session, parse_type_patterns
 from sessions_app.services import (
     AppendResult,
     close_connection,
-    open_connection,
+    open_attached,
     parse_event_batch,
     record_delivery_position,
 )
@@ -38,30 +37,6 @@ CLOSE_TOO_SLOW = 4408
 CLEAN_CLOSE_CODES = frozenset({1000, 1001})
 POSITION_FLUSH_SECONDS = 1.0
 MAX_PIPELINED_PUBLISHES = 64  # publishes awaiting their commit before we stop reading frames
-
-
-def open_attached(
-    *,
-    session_id: str,
-    author: Author,
-    worker_id: str,
-    after: int,
-    replayed: int,
-    counts_for_presence: bool,
-    user_agent: str,
-) -> tuple[Connection, list[dict[str, Any]], Session]:
-    """The attach's bookkeeping in one thread hop, not three: record the connection (entering
-    presence), then read the presence and session state the `attached` frame reports."""
-    conn = open_connection(
-        session_id=session_id,
-        author=author,
-        worker_id=worker_id,
-        after=after,
-        replayed=replayed,
-        counts_for_presence=counts_for_presence,
-        user_agent=user_agent,
-    )
-    return conn, list_presence(session_id=session_id), get_session(session_id)
 
 
 def parse_after(raw: Any) -> int:

@@ -37,6 +37,7 @@ from sessions_app.models import (
     Session,
     Worker,
 )
+from sessions_app.selectors import get_session, list_presence
 from sessions_app.wire import event_to_wire, event_wire
 
 MAX_CLIENT_REF = 100
@@ -929,6 +930,30 @@ def open_connection(
         )
         append_events(session_id=session_id, author=author, events=inputs, system=True)
     return conn
+
+
+def open_attached(
+    *,
+    session_id: str,
+    author: Author,
+    worker_id: str,
+    after: int,
+    replayed: int,
+    counts_for_presence: bool,
+    user_agent: str,
+) -> tuple[Connection, list[dict[str, Any]], Session]:
+    """The attach's bookkeeping in one thread hop, not three: record the connection (entering
+    presence), then read the presence and session state the `attached` frame reports."""
+    conn = open_connection(
+        session_id=session_id,
+        author=author,
+        worker_id=worker_id,
+        after=after,
+        replayed=replayed,
+        counts_for_presence=counts_for_presence,
+        user_agent=user_agent,
+    )
+    return conn, list_presence(session_id=session_id), get_session(session_id)
 
 
 def close_connection(*, connection_id: str, code: int | None, reason: str) -> None:
