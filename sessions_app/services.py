@@ -369,6 +369,40 @@ def _allocate(
     return int(head), status, controller
 
 
+def _allocate_sessions(
+    counts: dict[str, int], now: datetime, *, cursor: CursorWrapper
+) -> dict[str, tuple[int, str]]:
+    """Seqs for every session of a fast run: session id -> (new head, status).
+
+    SQLite has one writer, so one `UPDATE … CASE … RETURNING` serves all sessions at once (one
+    statement instead of one per session: the per-statement cost was most of a batch's CPU).
+    Elsewhere rows are locked one by one in the given order, so concurrent batches of several
+    processes always lock in the same order and cannot deadlock. A missing session is a miss.
+    """
+    heads: dict[str, tuple[int, str]] = {}
+    if connection.vendor != "sqlite":
+        for session_id, count in counts.items():
+            head, status, _controller = _allocate(session_id, count, now, cursor=cursor)
+            heads[session_id] = (head, status)
+        return heads
+    table = connection.ops.quote_name(Session._meta.db_table)
+    items = list(counts.items())
+    for start in range(0, len(items), 300):
+        chunk = items[start : start + 300]
+        cases = " ".join(["WHEN %s THEN %s"] * len(chunk))
+        marks = ", ".join(["%s"] * len(chunk))
+        cursor.execute(
+            f"UPDATE {table} SET last_seq = last_seq + CASE id {cases} END, updated_at = %s "
+            f"WHERE id IN ({marks}) RETURNING id, last_seq, status",
+            [*(v for pair in chunk for v in pair), now, *(k for k, _ in chunk)],
+        )
+        heads.update((session_id, (int(head), status)) for session_id, head, status in cursor)
+    missing = counts.keys() - heads.keys()
+    if missing:
+        raise _FastLaneMiss(min(missing))
+    return heads
+
+
 def _materialize_messages(
     session_id: str,
     message_events: list[tuple[EventInput, Event]],
@@ -702,11 +736,16 @@ def _write_fast(
     by_session: dict[str, list[int]] = {}
     for i in indices:
         by_session.setdefault(requests[i].session_id, []).append(i)
+    counts = {
+        session_id: sum(len(requests[i].events) for i in group)
+        for session_id, group in by_session.items()
+    }
+    heads = _allocate_sessions({k: n for k, n in counts.items() if n}, now, cursor=cursor)
     for session_id, group in by_session.items():
-        count = sum(len(requests[i].events) for i in group)
+        count = counts[session_id]
         if not count:
             continue
-        head, status, _controller = _allocate(session_id, count, now, cursor=cursor)
+        head, status = heads[session_id]
         if status == et.STATUS_CLOSED or (
             status == et.STATUS_WITH_HUMAN
             and any(
