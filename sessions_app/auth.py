@@ -153,7 +153,7 @@ def scope_user(scope: dict[str, Any]) -> Any:
     """
     if "user" in scope:
         return scope["user"]
-    cookies = parse_cookie(_scope_header(scope, b"cookie"))
+    cookies = parse_cookie(scope_header(scope, "cookie"))
     session_key = cookies.get(settings.SESSION_COOKIE_NAME)
     if not session_key:
         return AnonymousUser()
@@ -161,9 +161,11 @@ def scope_user(scope: dict[str, Any]) -> Any:
     return get_user(SimpleNamespace(session=store))  # type: ignore[arg-type]
 
 
-def _scope_header(scope: dict[str, Any], name: bytes) -> str:
+def scope_header(scope: dict[str, Any], name: str) -> str:
+    """One request header of an ASGI scope ("" when absent); names match case-insensitively."""
+    wanted = name.encode()
     for key, value in scope.get("headers", ()):
-        if key == name:
+        if key.lower() == wanted:
             return value.decode("latin-1")
     return ""
 

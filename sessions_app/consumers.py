@@ -15,7 +15,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from sessions_app import event_types as et
-from sessions_app.auth import AuthError, authenticate_scope
+from sessions_app.auth import AuthError, authenticate_scope, scope_header
 from sessions_app.errors import BatonError
 from sessions_app.hub import get_hub
 from sessions_app.identity import Principal
@@ -164,7 +164,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             after=after,
             replayed=subscription.replayed,
             counts_for_presence=self.principal.can(et.CAP_PRESENCE, self.session_id),
-            user_agent=self._header("user-agent"),
+            user_agent=scope_header(self.scope, "user-agent"),
         )
         self.connection_id = conn.id
         await self.send_json(
@@ -385,10 +385,3 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         await database_sync_to_async(record_delivery_position)(
             connection_id=self.connection_id, seq=self.received_seq
         )
-
-    def _header(self, name: str) -> str:
-        wanted = name.encode()
-        for key, value in self.scope.get("headers", []):
-            if key.lower() == wanted:
-                return value.decode("latin-1")
-        return ""
