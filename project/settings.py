@@ -180,6 +180,8 @@ BATON_MAX_BUFFERED_EVENTS = env_int("BATON_MAX_BUFFERED_EVENTS", 20000)
 # has waited WINDOW seconds (the most latency it adds); a lone stream never waits.
 BATON_GROUP_COMMIT_WINDOW = float(os.environ.get("BATON_GROUP_COMMIT_WINDOW", "0.04"))
 BATON_GROUP_COMMIT_BATCH = env_int("BATON_GROUP_COMMIT_BATCH", 24)
+# Embedded SQLite: commit streaming batches on the event loop (sessions_app.writer.LoopLane).
+BATON_SQLITE_LOOP_WRITES = env_bool("BATON_SQLITE_LOOP_WRITES", True)
 BATON_REPLAY_PAGE = env_int("BATON_REPLAY_PAGE", 1000)
 BATON_HEARTBEAT_SECONDS = float(os.environ.get("BATON_HEARTBEAT_SECONDS", "3"))
 BATON_WORKER_TIMEOUT_SECONDS = float(os.environ.get("BATON_WORKER_TIMEOUT_SECONDS", "10"))

@@ -175,7 +175,7 @@ class Hub:
         self.stats = {"repairs": 0, "repaired_events": 0, "layer_errors": 0}
         from sessions_app.writer import EventWriter
 
-        self.writer = EventWriter(loop)
+        self.writer = EventWriter(loop, publish=self.publish)
 
     # ------------------------------------------------------------------ lifecycle
 

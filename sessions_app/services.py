@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import socket
+import sqlite3
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
 from django.db.backends.utils import CursorWrapper
 from django.db.models import F, Value
 from django.db.models.functions import Concat
@@ -348,6 +349,32 @@ def _duplicate_result(event: Event) -> AppendResult:
     return AppendResult(event.seq, event.id, event.message_id, duplicate=True)
 
 
+def open_sqlite_side_connection() -> sqlite3.Connection | None:
+    """A new DB-API connection to the default database, configured as Django's own (pragmas,
+    functions), for `sessions_app.writer.LoopLane`; None unless it is a SQLite file in WAL mode
+    (an in-memory database would be another database; without WAL a writer blocks readers)."""
+    wrapper = connections.create_connection(DEFAULT_DB_ALIAS)
+    if wrapper.vendor != "sqlite" or wrapper.is_in_memory_db():
+        return None
+    conn = wrapper.get_new_connection(wrapper.get_connection_params())
+    (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+    if str(mode).lower() != "wal":
+        conn.close()
+        return None
+    return conn
+
+
+def checkpoint_sqlite_wal() -> None:
+    """Copy the write-ahead log back into the database file without blocking anyone (what
+    SQLite's auto-checkpoint does, taken off the connection that commits on the event loop)."""
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+
+class FastLaneMiss(Exception):
+    """A batch (or run) needs the general path: roll it back and go through `append_many`."""
+
+
 def _allocate(
     session_id: str, count: int, now: datetime, *, cursor: CursorWrapper | None = None
 ) -> tuple[int, str, Any]:
@@ -399,7 +426,7 @@ def _allocate_sessions(
         heads.update((session_id, (int(head), status)) for session_id, head, status in cursor)
     missing = counts.keys() - heads.keys()
     if missing:
-        raise _FastLaneMiss(min(missing))
+        raise FastLaneMiss(min(missing))
     return heads
 
 
@@ -526,6 +553,27 @@ def append_many(requests: Sequence[AppendRequest]) -> list[list[AppendResult] | 
     return outcomes
 
 
+def append_many_fast(
+    *, requests: Sequence[AppendRequest], cursor: Any
+) -> tuple[list[list[AppendResult]], dict[str, list[dict[str, Any]]]]:
+    """The fast lane alone, all or nothing, inside a transaction the caller owns on `cursor`.
+
+    For the embedded writer, which commits on its own SQLite connection from the event loop
+    (see `sessions_app.writer`): it returns each request's results and the wire events per
+    session to fan out after the caller's commit, or raises (FastLaneMiss, a database error)
+    when anything in the batch needs `append_many`, whose answer is then the precise one.
+    """
+    if not all(_fast_lane_eligible(request) for request in requests):
+        raise FastLaneMiss("ineligible")
+    known = _known_client_refs(requests, cursor=cursor)
+    refs: set[tuple[str, str, str]] = set()
+    indices = sorted(range(len(requests)), key=lambda i: requests[i].session_id)
+    if not all(_fresh_refs(requests[i], eligible=True, known=known, seen=refs) for i in indices):
+        raise FastLaneMiss("client_ref")
+    results, wires = _write_fast(requests=requests, indices=indices, cursor=cursor)
+    return [results.get(i, []) for i in range(len(requests))], wires
+
+
 def _append_isolated(request: AppendRequest) -> list[AppendResult] | BatonError:
     try:
         return append_events(
@@ -579,9 +627,12 @@ def _fresh_refs(
     return True
 
 
-def _known_client_refs(requests: Sequence[AppendRequest]) -> set[tuple[str, str, str, str]]:
+def _known_client_refs(
+    requests: Sequence[AppendRequest], *, cursor: Any = None
+) -> set[tuple[str, str, str, str]]:
     """The (session, author kind, author id, client_ref) of these requests that are stored
-    already, in as few SELECTs as the backend's parameter limit allows (via the unique index)."""
+    already, in as few SELECTs as the backend's parameter limit allows (via the unique index);
+    on `cursor` if given."""
     wanted: dict[tuple[str, str, str], list[str]] = {}
     for request in requests:
         refs = [item.client_ref for item in request.events if item.client_ref]
@@ -608,22 +659,18 @@ def _known_client_refs(requests: Sequence[AppendRequest]) -> set[tuple[str, str,
         f"SELECT session_id, author_kind, author_id, client_ref FROM {table} "
         "WHERE session_id = %s AND author_kind = %s AND author_id = %s AND client_ref IN ({})"
     )
-    with connection.cursor() as cursor:
+    with nullcontext(cursor) if cursor is not None else connection.cursor() as c:
         for chunk in chunks:
             # UNION ALL of exact index lookups: the plan cannot drift to scanning an author's
             # refs across sessions, as an OR of the same conditions may on Postgres.
-            cursor.execute(
+            c.execute(
                 " UNION ALL ".join(
                     select.format(", ".join(["%s"] * len(refs))) for _, refs in chunk
                 ),
                 [value for key, refs in chunk for value in (*key, *refs)],
             )
-            found.update(cursor.fetchall())
+            found.update(c.fetchall())
     return found
-
-
-class _FastLaneMiss(Exception):
-    """A fast run met something only `append_events` words precisely; roll it back and retry."""
 
 
 def _append_fast(
@@ -645,7 +692,7 @@ def _append_fast(
     try:
         with transaction.atomic(), connection.cursor() as cursor:
             results, wires = _write_fast(requests=requests, indices=indices, cursor=cursor)
-    except (_FastLaneMiss, BatonError, IntegrityError):
+    except (FastLaneMiss, BatonError, IntegrityError):
         by_session: dict[str, list[int]] = {}
         for i in indices:  # already in session order
             by_session.setdefault(requests[i].session_id, []).append(i)
@@ -754,7 +801,7 @@ def _write_fast(
                 for i in group
             )
         ):
-            raise _FastLaneMiss(session_id)
+            raise FastLaneMiss(session_id)
         seq = head - count
         session_wires = wires[session_id] = []
         for i in group:
@@ -831,7 +878,7 @@ def _write_fast(
             ],
         )
         if cursor.rowcount != len(appends):
-            raise _FastLaneMiss("message")
+            raise FastLaneMiss("message")
     cursor.executemany(
         f"INSERT INTO {quote(Event._meta.db_table)} ({columns}) VALUES ({', '.join(['%s'] * 12)})",
         rows,

@@ -1,0 +1,151 @@
+"""The embedded writer's loop lane: fast batches commit on the event loop, on a connection of
+the writer's own, and anything it cannot take at once goes to the database thread unharmed."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+
+import pytest
+from channels.db import database_sync_to_async
+from django.db import connection
+
+from sessions_app.errors import BatonError
+from sessions_app.hub import get_hub
+from sessions_app.identity import Author
+from sessions_app.models import Event, Message
+from sessions_app.services import EventInput
+from sessions_app.writer import LoopLane
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("hub_cleanup"),
+    pytest.mark.skipif(connection.vendor != "sqlite", reason="the loop lane is SQLite's"),
+]
+
+AGENT = Author(kind="agent", id="test-agent", name="test-agent")
+
+
+def _step(i: int) -> EventInput:
+    return EventInput(type="progress.step", data={"i": i})
+
+
+async def _session_with_message(make_session) -> str:
+    session = await database_sync_to_async(make_session)()
+    await get_hub().writer.append(
+        session_id=session.id,
+        author=AGENT,
+        events=[EventInput(type="message.create", data={"role": "assistant"}, message_id="m")],
+    )
+    return session.id
+
+
+def _lane() -> LoopLane:
+    lane = get_hub().writer.lane
+    assert lane is not None, "the loop lane should be open on a SQLite file in WAL mode"
+    return lane
+
+
+async def test_tokens_commit_on_the_loop_lane_and_are_delivered(make_session):
+    session_id = await _session_with_message(make_session)
+    hub = get_hub()
+    delivered: list[dict] = []
+    original = hub.publish
+    hub.writer.publish = lambda sid, events: (delivered.extend(events), original(sid, events))
+    before = _lane().stats["batches"]
+    results = await asyncio.gather(
+        *(
+            hub.writer.append(
+                session_id=session_id,
+                author=AGENT,
+                events=[EventInput(type="message.append", data={"delta": f"{i},"}, message_id="m")],
+            )
+            for i in range(30)
+        )
+    )
+    assert [r[0].seq for r in results] == list(range(2, 32))
+    assert _lane().stats["batches"] > before
+    assert [e["seq"] for e in delivered] == list(range(2, 32))
+    message = await database_sync_to_async(Message.objects.get)(session_id=session_id)
+    assert message.content == "".join(f"{i}," for i in range(30))
+    assert message.version == 31
+
+
+async def test_a_refusal_is_answered_by_the_general_path_with_nothing_half_written(make_session):
+    session_id = await _session_with_message(make_session)
+    writer = get_hub().writer
+    handed = _lane().stats["handed_over"]
+    good = writer.submit(session_id=session_id, author=AGENT, events=[_step(1)])
+    bad = writer.submit(
+        session_id=session_id,
+        author=AGENT,
+        events=[EventInput(type="message.append", data={"delta": "x"}, message_id="nope")],
+    )
+    (ok,) = await good
+    with pytest.raises(BatonError) as refused:
+        await bad
+    assert refused.value.code == "message_not_found"
+    assert ok.seq == 2
+    assert _lane().stats["handed_over"] > handed
+    seqs = await database_sync_to_async(
+        lambda: list(Event.objects.filter(session_id=session_id).values_list("seq", flat=True))
+    )()
+    assert seqs == [1, 2]  # the refused publish consumed no seq, the lane's rollback left none
+
+
+async def test_a_held_write_lock_sends_the_batch_to_the_thread_without_blocking_the_loop(
+    make_session,
+):
+    session_id = await _session_with_message(make_session)
+    writer = get_hub().writer
+    busy = _lane().stats["busy"]
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_write_lock() -> None:
+        other = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(10)
+        other.execute("COMMIT")
+        other.close()
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    holder.start()
+    assert await asyncio.to_thread(locked.wait, 10)
+    append = writer.submit(session_id=session_id, author=AGENT, events=[_step(1)])
+    ticks = 0
+    for _ in range(10):  # the loop keeps running while the batch waits in the thread
+        await asyncio.sleep(0.02)
+        ticks += 1
+    assert not append.done()
+    release.set()
+    (result,) = await asyncio.wait_for(append, 10)
+    await asyncio.to_thread(holder.join, 10)
+    assert ticks == 10
+    assert result.seq == 2
+    assert _lane().stats["busy"] == busy + 1
+
+
+async def test_the_lane_leaves_checkpoints_to_the_database_thread(make_session, monkeypatch):
+    session_id = await _session_with_message(make_session)
+    writer = get_hub().writer
+    lane = _lane()
+    (autocheckpoint,) = lane.conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+    assert autocheckpoint == 0
+    monkeypatch.setattr(LoopLane, "CHECKPOINT_SECONDS", 0.0)
+    checkpoints = lane.stats["checkpoints"]
+    for i in range(3):
+        await writer.append(session_id=session_id, author=AGENT, events=[_step(i)])
+    assert lane.checkpoint_task is not None
+    await lane.checkpoint_task
+    assert lane.stats["checkpoints"] > checkpoints
+
+
+async def test_the_lane_can_be_switched_off(make_session, settings):
+    settings.BATON_SQLITE_LOOP_WRITES = False
+    session = await database_sync_to_async(make_session)()
+    writer = get_hub().writer
+    (result,) = await writer.append(session_id=session.id, author=AGENT, events=[_step(1)])
+    assert result.seq == 1
+    assert writer.lane is None
