@@ -2,7 +2,8 @@
 
 The count is taken where the transactions are made. SQLite: a ``set_trace_callback`` on each
 connection sees every statement the engine runs, including the ``BEGIN IMMEDIATE`` and
-``COMMIT`` that Django's ``atomic`` issues. Postgres: ``pg_stat_database.xact_commit`` counts
+``COMMIT`` that Django's ``atomic`` issues and those of the writer's loop lane (its connection is
+opened through Django's ``connect``, so ``connection_created`` reaches this probe too). Postgres: ``pg_stat_database.xact_commit`` counts
 read-only transactions too (every autocommit SELECT of the head check, the reaper, an attach),
 so the probe wraps each connection's statements and its commit and counts only commits of
 transactions that wrote. Either way a write transaction is one ``COMMIT`` after a write or one

@@ -356,7 +356,9 @@ def open_sqlite_side_connection() -> sqlite3.Connection | None:
     wrapper = connections.create_connection(DEFAULT_DB_ALIAS)
     if wrapper.vendor != "sqlite" or wrapper.is_in_memory_db():
         return None
-    conn = wrapper.get_new_connection(wrapper.get_connection_params())
+    wrapper.connect()  # Django's own path, so `connection_created` receivers see it too
+    conn = wrapper.connection
+    wrapper.connection = None  # the writer owns it from here
     (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
     if str(mode).lower() != "wal":
         conn.close()

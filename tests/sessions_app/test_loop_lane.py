@@ -10,6 +10,7 @@ import threading
 import pytest
 from channels.db import database_sync_to_async
 from django.db import connection
+from django.db.backends.signals import connection_created
 
 from sessions_app.errors import BatonError
 from sessions_app.hub import get_hub
@@ -149,3 +150,20 @@ async def test_the_lane_can_be_switched_off(make_session, settings):
     (result,) = await writer.append(session_id=session.id, author=AGENT, events=[_step(1)])
     assert result.seq == 1
     assert writer.lane is None
+
+
+async def test_the_lane_connection_is_announced_like_any_django_connection(make_session):
+    """Receivers of `connection_created` (pragmas, instrumentation such as the bench's commit
+    probe) see the lane's connection too."""
+    seen: list[object] = []
+
+    def receiver(sender, connection, **kwargs) -> None:
+        seen.append(connection.connection)
+
+    connection_created.connect(receiver)
+    try:
+        session = await database_sync_to_async(make_session)()
+        await get_hub().writer.append(session_id=session.id, author=AGENT, events=[_step(1)])
+    finally:
+        connection_created.disconnect(receiver)
+    assert _lane().conn in seen
