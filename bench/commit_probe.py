@@ -1,15 +1,16 @@
 """Run uvicorn with a write-transaction counter in every Django connection (persistence workload).
 
 The count is taken where the transactions are made. SQLite: a ``set_trace_callback`` on each
-connection sees every statement the engine runs, including the ``BEGIN IMMEDIATE`` and
-``COMMIT`` that Django's ``atomic`` issues and those of the writer's loop lane (its connection is
-opened through Django's ``connect``, so ``connection_created`` reaches this probe too). Postgres: ``pg_stat_database.xact_commit`` counts
-read-only transactions too (every autocommit SELECT of the head check, the reaper, an attach),
-so the probe wraps each connection's statements and its commit and counts only commits of
-transactions that wrote. Either way a write transaction is one ``COMMIT`` after a write or one
-INSERT/UPDATE/DELETE run outside a transaction (autocommit). The counts go to a JSON file every
-200 ms and at exit. This is harness code wrapped around the unmodified server; it costs a
-Python call per statement, so it is used only for the persistence workload, never for timing.
+connection sees every statement the engine runs, including the ``BEGIN IMMEDIATE`` and ``COMMIT``
+that Django's ``atomic`` issues and those of the writer's loop lane (its connection is opened
+through Django's ``connect``, so ``connection_created`` reaches this probe too). Postgres:
+``pg_stat_database.xact_commit`` counts read-only transactions too (every autocommit SELECT of the
+head check, the reaper, an attach), so the probe wraps each connection's statements and its commit
+and counts only commits of transactions that wrote. Either way a write transaction is one ``COMMIT``
+after a write or one INSERT/UPDATE/DELETE run outside a transaction (autocommit). The counts go to a
+JSON file every 200 ms and at exit. This is harness code wrapped around the unmodified server; it
+costs a Python call per statement, so it is used only for the persistence workload, never for
+timing.
 
 Usage: ``python -m bench.commit_probe OUT.json -- <uvicorn arguments>``
 """

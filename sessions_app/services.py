@@ -541,52 +541,75 @@ def append_many(requests: Sequence[AppendRequest]) -> list[list[AppendResult] | 
     a problem, goes request by request through `append_events`, each in its own savepoint. A
     refused request yields its BatonError in its slot; the others commit.
     """
-    by_session: dict[str, list[int]] = {}
-    for i, request in enumerate(requests):
-        by_session.setdefault(request.session_id, []).append(i)
-    candidates = [_fast_lane_eligible(request) for request in requests]
-    known = _known_client_refs([r for r, ok in zip(requests, candidates, strict=True) if ok])
     outcomes: list[list[AppendResult] | BatonError] = [[] for _ in requests]
     with transaction.atomic():
         fast: list[int] = []
-        for session_id in sorted(by_session):
-            indices = by_session[session_id]
-            refs: set[tuple[str, str, str]] = set()
-            run = 0
-            while run < len(indices) and _fresh_refs(
-                requests[indices[run]], eligible=candidates[indices[run]], known=known, seen=refs
-            ):
-                run += 1
-            fast += indices[:run]
-            if run < len(indices):
+        for run, tail in _fast_runs(requests):
+            fast += run
+            if tail:
                 # Keep submission order: the run so far is written before this session's slow tail.
                 _append_fast(requests=requests, indices=fast, outcomes=outcomes)
                 fast = []
-                for i in indices[run:]:
+                for i in tail:
                     outcomes[i] = _append_isolated(requests[i])
         _append_fast(requests=requests, indices=fast, outcomes=outcomes)
     return outcomes
 
 
-def append_many_fast(
-    *, requests: Sequence[AppendRequest], cursor: Any
-) -> tuple[list[list[AppendResult]], dict[str, list[dict[str, Any]]]]:
-    """The fast lane alone, all or nothing, inside a transaction the caller owns on `cursor`.
+def _fast_runs(
+    requests: Sequence[AppendRequest], *, cursor: Any = None
+) -> list[tuple[list[int], list[int]]]:
+    """Per session, in id order: the indices of its leading run of requests the fast lane may
+    take (eligible, no client_ref stored already or repeated in the run), and of the rest."""
+    by_session: dict[str, list[int]] = {}
+    for i, request in enumerate(requests):
+        by_session.setdefault(request.session_id, []).append(i)
+    candidates = [_fast_lane_eligible(request) for request in requests]
+    known = _known_client_refs(
+        [r for r, ok in zip(requests, candidates, strict=True) if ok], cursor=cursor
+    )
+    runs = []
+    for session_id in sorted(by_session):
+        indices = by_session[session_id]
+        refs: set[tuple[str, str, str]] = set()
+        run = 0
+        while run < len(indices) and _fresh_refs(
+            requests[indices[run]], eligible=candidates[indices[run]], known=known, seen=refs
+        ):
+            run += 1
+        runs.append((indices[:run], indices[run:]))
+    return runs
+
+
+@dataclass(frozen=True, slots=True)
+class FastBatch:
+    """What `append_many_fast` wrote: results by request index, the wire events per session to
+    fan out after the commit, and the indices it left for `append_many`."""
+
+    results: dict[int, list[AppendResult]]
+    wires: dict[str, list[dict[str, Any]]]
+    left: list[int]
+
+
+def append_many_fast(*, requests: Sequence[AppendRequest], cursor: Any) -> FastBatch:
+    """The fast lane alone, inside a transaction the caller owns on `cursor`.
 
     For the embedded writer, which commits on its own SQLite connection from the event loop
-    (see `sessions_app.writer`): it returns each request's results and the wire events per
-    session to fan out after the caller's commit, or raises (FastLaneMiss, a database error)
-    when anything in the batch needs `append_many`, whose answer is then the precise one.
+    (see `sessions_app.writer`). Per session it takes the leading run of requests the fast lane
+    may take and leaves the rest (a `message.end`, a status change, a stored client_ref) for
+    `append_many`, to be written after this commit, so each session keeps its order. Raises
+    (FastLaneMiss, a database error) when the run meets a refusal: the caller rolls back and
+    hands the whole batch to `append_many`, whose answer is then the precise one.
     """
-    if not all(_fast_lane_eligible(request) for request in requests):
-        raise FastLaneMiss("ineligible")
-    known = _known_client_refs(requests, cursor=cursor)
-    refs: set[tuple[str, str, str]] = set()
-    indices = sorted(range(len(requests)), key=lambda i: requests[i].session_id)
-    if not all(_fresh_refs(requests[i], eligible=True, known=known, seen=refs) for i in indices):
-        raise FastLaneMiss("client_ref")
+    indices: list[int] = []
+    left: list[int] = []
+    for run, tail in _fast_runs(requests, cursor=cursor):
+        indices += run
+        left += tail
     results, wires = _write_fast(requests=requests, indices=indices, cursor=cursor)
-    return [results.get(i, []) for i in range(len(requests))], wires
+    for i in indices:
+        results.setdefault(i, [])
+    return FastBatch(results, wires, sorted(left))
 
 
 def _append_isolated(request: AppendRequest) -> list[AppendResult] | BatonError:

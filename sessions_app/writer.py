@@ -8,10 +8,10 @@ processes' batches always take session row locks in the same order and cannot de
 caller's ack waits for the commit, so the delivery guarantee is unchanged: nothing is
 acknowledged or broadcast before it is durable.
 
-On the embedded SQLite default, batches that are all fast lane commit on the event loop itself,
-on a connection of the writer's own (`LoopLane`): no thread hop and no GIL ping-pong with the
-loop. Everything else, and whatever the lane cannot take at once, goes to `append_many` in
-Django's database thread.
+On the embedded SQLite default, what the fast lane takes of a batch commits on the event loop
+itself, on a connection of the writer's own (`LoopLane`): no thread hop and no GIL ping-pong with
+the loop. The rest of each session's requests (a `message.complete`, a status change, …), and a
+batch the lane cannot take at all, go to `append_many` in Django's database thread afterwards.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from sessions_app.services import (
     AppendRequest,
     AppendResult,
     EventInput,
+    FastBatch,
     append_many,
     append_many_fast,
     checkpoint_sqlite_wal,
@@ -66,8 +67,9 @@ class LoopLane:
     zero busy timeout, so a write lock held by another connection sends the batch to the thread
     path instead; and no checkpoint on this connection (`wal_autocheckpoint = 0`): the writer
     asks the database thread for a passive checkpoint instead, at most every
-    CHECKPOINT_SECONDS. A batch that needs anything beyond the fast lane is rolled back
-    untouched and goes to `append_many`, whose answer is the precise one.
+    CHECKPOINT_SECONDS. Requests the fast lane does not take are left for `append_many` (after
+    this commit, so each session keeps its order); a refusal inside the fast run rolls the whole
+    batch back untouched and hands it to `append_many`, whose answer is the precise one.
     """
 
     CHECKPOINT_SECONDS = 1.0
@@ -80,7 +82,7 @@ class LoopLane:
         self.conn.execute("PRAGMA wal_autocheckpoint = 0")
         self.checkpointed_at = loop.time()
         self.checkpoint_task: asyncio.Task[None] | None = None
-        self.stats = {"batches": 0, "busy": 0, "handed_over": 0, "checkpoints": 0}
+        self.stats = {"batches": 0, "busy": 0, "handed_over": 0, "left": 0, "checkpoints": 0}
 
     @classmethod
     async def open(cls, loop: asyncio.AbstractEventLoop) -> LoopLane | None:
@@ -94,11 +96,9 @@ class LoopLane:
             return None
         return cls(loop, conn) if conn is not None else None
 
-    def write(
-        self, requests: Sequence[AppendRequest], publish: Publish
-    ) -> list[list[AppendResult]] | None:
-        """Commit the batch here and fan it out, or return None (nothing written) when it must
-        take the thread path."""
+    def write(self, requests: Sequence[AppendRequest], publish: Publish) -> FastBatch | None:
+        """Commit what the fast lane takes of the batch here and fan it out; None (nothing
+        written) when the whole batch must take the thread path."""
         cursor = self.conn.cursor(factory=SQLiteCursorWrapper)
         try:
             try:
@@ -107,7 +107,7 @@ class LoopLane:
                 self.stats["busy"] += 1
                 return None
             try:
-                results, wires = append_many_fast(requests=requests, cursor=cursor)
+                written = append_many_fast(requests=requests, cursor=cursor)
                 cursor.execute("COMMIT")
             except Exception:
                 with contextlib.suppress(sqlite3.Error):
@@ -117,10 +117,11 @@ class LoopLane:
         finally:
             cursor.close()
         self.stats["batches"] += 1
-        for session_id, events in wires.items():
+        self.stats["left"] += len(written.left)
+        for session_id, events in written.wires.items():
             publish(session_id, events)
         self._maybe_checkpoint()
-        return results
+        return written
 
     def _maybe_checkpoint(self) -> None:
         if self.loop.time() - self.checkpointed_at < self.CHECKPOINT_SECONDS:
@@ -143,6 +144,17 @@ class LoopLane:
         if self.checkpoint_task is not None:
             await asyncio.gather(self.checkpoint_task, return_exceptions=True)
         self.conn.close()
+
+
+def _resolve(
+    future: asyncio.Future[list[AppendResult]], outcome: list[AppendResult] | Exception
+) -> None:
+    if future.done():  # the publisher went away
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 class EventWriter:
@@ -212,24 +224,24 @@ class EventWriter:
             if not self.lane_checked:
                 self.lane = await LoopLane.open(self.loop)
                 self.lane_checked = True
+            if self.lane is not None:
+                written = self.lane.write(requests, self.publish)
+                if written is not None:
+                    for i, results in written.results.items():
+                        _resolve(batch[i].future, results)
+                    batch = [batch[i] for i in written.left]
+                    requests = [requests[i] for i in written.left]
+                    if not batch:
+                        continue
             try:
-                outcomes: Sequence[object] | None = None
-                if self.lane is not None:
-                    outcomes = self.lane.write(requests, self.publish)
-                if outcomes is None:
-                    outcomes = await database_sync_to_async(append_many)(requests)
+                outcomes = await database_sync_to_async(append_many)(requests)
             except Exception as exc:  # the whole transaction failed (database down, …)
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
             for pending, outcome in zip(batch, outcomes, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    pending.future.set_exception(outcome)
-                else:
-                    pending.future.set_result(outcome)
+                _resolve(pending.future, outcome)
 
     async def _linger(self) -> None:
         """Under concurrent load, hold the batch while publishes keep arriving, until it is full

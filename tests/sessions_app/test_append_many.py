@@ -318,7 +318,7 @@ def test_a_racing_duplicate_found_only_at_insert_falls_back_to_the_general_path(
         create(s.id, "m")
     culprit = sessions[3].id
     (original,) = append_many([token(culprit, "m", "x", client_ref="r1")])
-    monkeypatch.setattr(services, "_known_client_refs", lambda requests: set())
+    monkeypatch.setattr(services, "_known_client_refs", lambda requests, **kwargs: set())
     general: list[str] = []
     real = services.append_events
 

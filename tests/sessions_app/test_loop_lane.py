@@ -167,3 +167,37 @@ async def test_the_lane_connection_is_announced_like_any_django_connection(make_
     finally:
         connection_created.disconnect(receiver)
     assert _lane().conn in seen
+
+
+async def test_the_lane_takes_each_sessions_leading_run_and_the_thread_the_rest_in_order(
+    make_session,
+):
+    """A `message.complete` (not fast-lane work) no longer sends its whole batch to the thread:
+    the lane commits what comes before it in its session, and every other session's run; the
+    thread then writes the rest, so each session keeps its submission order."""
+    a = await _session_with_message(make_session)
+    b = (await database_sync_to_async(make_session)()).id
+    writer = get_hub().writer
+    lane = _lane()
+    batches, left = lane.stats["batches"], lane.stats["left"]
+    token = EventInput(type="message.append", data={"delta": "hi"}, message_id="m")
+    complete = EventInput(type="message.complete", data={}, message_id="m")
+    futures = [
+        writer.submit(session_id=a, author=AGENT, events=[token]),
+        writer.submit(session_id=b, author=AGENT, events=[_step(1)]),
+        writer.submit(session_id=a, author=AGENT, events=[complete]),
+        writer.submit(session_id=a, author=AGENT, events=[_step(2)]),
+        writer.submit(session_id=b, author=AGENT, events=[_step(3)]),
+    ]
+    results = await asyncio.gather(*futures)
+    assert [r[0].seq for r in results] == [2, 1, 3, 4, 2]
+    assert lane.stats["batches"] == batches + 1
+    assert lane.stats["left"] == left + 2  # a's complete and the step after it
+    types = await database_sync_to_async(
+        lambda: list(
+            Event.objects.filter(session_id=a).order_by("seq").values_list("type", flat=True)
+        )
+    )()
+    assert types == ["message.create", "message.append", "message.complete", "progress.step"]
+    message = await database_sync_to_async(Message.objects.get)(session_id=a, message_id="m")
+    assert (message.content, message.status) == ("hi", "complete")
