@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.contrib.admin.utils import quote
 from django.test import Client
 from django.urls import reverse
 
@@ -158,7 +160,8 @@ def test_console_scripts_never_use_html_sinks():
 
 
 def admin_change_url(session: Any) -> str:
-    return reverse("admin:sessions_app_session_change", args=[session.id])
+    """Quoted as the admin's own links are: it reads "_24" in a pk as "$"."""
+    return reverse("admin:sessions_app_session_change", args=[quote(session.id)])
 
 
 @pytest.fixture
@@ -170,7 +173,18 @@ def admin_client(db: None) -> Client:
     return client
 
 
-def test_admin_session_pages_filters_and_escaped_transcript(admin_client, session):
+@pytest.fixture
+def escaped_id_session(make_session: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A session whose id holds "_24", which the admin would misread as "$" if left unquoted."""
+    token_hex = secrets.token_hex
+    monkeypatch.setattr(secrets, "token_hex", lambda nbytes: "24" + token_hex(nbytes)[2:])
+    session = make_session()
+    assert session.id.startswith("ses_24")
+    return session
+
+
+def test_admin_session_pages_filters_and_escaped_transcript(admin_client, escaped_id_session):
+    session = escaped_id_session
     append_events(
         session_id=session.id,
         author=USER,
@@ -185,8 +199,6 @@ def test_admin_session_pages_filters_and_escaped_transcript(admin_client, sessio
     )
     found = admin_client.get("/admin/sessions_app/session/?q=onerror")
     assert session.id in found.content.decode()
-    # reverse() quotes the pk as the admin does ("_" is its escape character: a raw
-    # "ses_24…" would be read back as "ses$…").
     response = admin_client.get(admin_change_url(session))
     page = response.content.decode()
     assert response.status_code == 200, (response.status_code, response.get("Location"))
