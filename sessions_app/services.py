@@ -1,5 +1,6 @@
 """Writes. Sequence numbers come only from `_allocate`: via `append_events` (the general path)
-or `append_many`'s fast lane (streamed tokens and plain events, in bulk).
+or `append_many`'s fast lane (messages opened, streamed and completed, and plain events, in
+bulk).
 
 Every durable change to a session is an event appended here, in one transaction with the state it
 derives (message materialization, session status, controller); fan-out happens after commit.
@@ -536,10 +537,11 @@ def append_many(requests: Sequence[AppendRequest]) -> list[list[AppendResult] | 
 
     Sessions are taken in id order, each session's requests in submission order, so concurrent
     batches in other processes lock session rows in the same order and cannot deadlock, and one
-    connection's acks follow its seqs. Streamed tokens and plain events go through the fast lane
-    (raw SQL, a few statements for the whole run); everything else, and any fast run that meets
-    a problem, goes request by request through `append_events`, each in its own savepoint. A
-    refused request yields its BatonError in its slot; the others commit.
+    connection's acks follow its seqs. Messages opened, streamed and completed, and plain
+    events, go through the fast lane (raw SQL, a few statements for the whole run); everything
+    else, and any fast run that meets a problem, goes request by request through
+    `append_events`, each in its own savepoint. A refused request yields its BatonError in its
+    slot; the others commit.
     """
     outcomes: list[list[AppendResult] | BatonError] = [[] for _ in requests]
     with transaction.atomic():
@@ -596,7 +598,7 @@ def append_many_fast(*, requests: Sequence[AppendRequest], cursor: Any) -> FastB
 
     For the embedded writer, which commits on its own SQLite connection from the event loop
     (see `sessions_app.writer`). Per session it takes the leading run of requests the fast lane
-    may take and leaves the rest (a `message.end`, a status change, a stored client_ref) for
+    may take and leaves the rest (a `message.update`, a status change, a stored client_ref) for
     `append_many`, to be written after this commit, so each session keeps its order. Raises
     (FastLaneMiss, a database error) when the run meets a refusal: the caller rolls back and
     hands the whole batch to `append_many`, whose answer is then the precise one.
@@ -621,14 +623,22 @@ def _append_isolated(request: AppendRequest) -> list[AppendResult] | BatonError:
         return exc
 
 
+# Message events the fast lane writes itself; a `message.update` (a rewrite between appends)
+# takes `append_events`.
+_FAST_MESSAGE_TYPES = frozenset({et.MESSAGE_CREATE, et.MESSAGE_APPEND, et.MESSAGE_COMPLETE})
+
+
 def _fast_lane_eligible(request: AppendRequest) -> bool:
-    """Only token appends and plain events: no status change, no message state beyond content,
-    nothing the author may not publish. Anything else takes `append_events`."""
+    """Messages created, streamed and completed, and plain events: no session status change,
+    no message rewrite, nothing the author may not publish. Anything else takes
+    `append_events`."""
     refs: set[str] = set()
     for item in request.events:
         if item.type == et.MESSAGE_APPEND:
             if not item.message_id or not isinstance(item.data.get("delta"), str):
                 return False
+        elif item.type in _FAST_MESSAGE_TYPES:
+            pass  # shapes were checked when parsed; the state is checked where it is written
         elif (
             item.type in et.MESSAGE_TYPES
             or item.type in _TRANSITIONS
@@ -763,30 +773,46 @@ def _append_fast(
 
 def _sessions_at_fault(*, requests: Sequence[AppendRequest], indices: list[int]) -> set[str]:
     """After a fast run missed: the sessions whose state refuses one of their requests there
-    (missing, closed, held by a human against an agent's message, an append to a message that is
-    not the author's streaming one). Two reads, only on this rare path."""
+    (missing, closed, held by a human against an agent's message, a message event the stored
+    message does not allow, replayed in run order). A few reads, only on this rare path."""
     session_ids = sorted({requests[i].session_id for i in indices})
     quote = connection.ops.quote_name
     status: dict[str, str] = {}
-    streaming: set[tuple[str, str, str, str]] = set()
+    stored: dict[tuple[str, str], _RunMessage] = {}
     with connection.cursor() as cursor:
-        for start in range(0, len(session_ids), 900):
-            chunk = session_ids[start : start + 900]
+        for start in range(0, len(session_ids), 90):
+            chunk = session_ids[start : start + 90]
             marks = ", ".join(["%s"] * len(chunk))
+            in_chunk = set(chunk)
             cursor.execute(
                 f"SELECT id, status FROM {quote(Session._meta.db_table)} WHERE id IN ({marks})",
                 chunk,
             )
             status.update(cursor.fetchall())
-            cursor.execute(
-                "SELECT session_id, message_id, author_kind, author_id FROM "
-                f"{quote(Message._meta.db_table)} WHERE status = %s AND session_id IN ({marks})",
-                [et.MESSAGE_STREAMING, *chunk],
+            mentioned = sorted(
+                {
+                    item.message_id
+                    for i in indices
+                    if requests[i].session_id in in_chunk
+                    for item in requests[i].events
+                    if item.type in _FAST_MESSAGE_TYPES and item.message_id
+                }
             )
-            streaming.update(cursor.fetchall())
+            for first in range(0, len(mentioned), 900):
+                ids = mentioned[first : first + 900]
+                cursor.execute(
+                    "SELECT session_id, message_id, author_kind, author_id, status FROM "
+                    f"{quote(Message._meta.db_table)} WHERE session_id IN ({marks}) "
+                    f"AND message_id IN ({', '.join(['%s'] * len(ids))})",
+                    [*chunk, *ids],
+                )
+                for session_id, message_id, kind, author_id, state in cursor.fetchall():
+                    stored[(session_id, message_id)] = _RunMessage((kind, author_id), state)
     at_fault: set[str] = set()
+    runs: dict[str, dict[str, _RunMessage]] = {}
     for i in indices:
         session_id, author, events = requests[i].session_id, requests[i].author, requests[i].events
+        run = runs.setdefault(session_id, {})
         if (
             status.get(session_id) in (None, et.STATUS_CLOSED)
             or (
@@ -794,14 +820,99 @@ def _sessions_at_fault(*, requests: Sequence[AppendRequest], indices: list[int])
                 and author.kind == et.KIND_AGENT
                 and any(item.type in et.MESSAGE_TYPES for item in events)
             )
-            or any(
-                item.type == et.MESSAGE_APPEND
-                and (session_id, item.message_id, author.kind, author.id) not in streaming
+            or not all(
+                _run_message_step(
+                    run,
+                    item.message_id,
+                    item,
+                    author,
+                    stored=stored.get((session_id, item.message_id)),
+                )
                 for item in events
+                if item.type in _FAST_MESSAGE_TYPES and item.message_id
             )
         ):
             at_fault.add(session_id)
     return at_fault
+
+
+@dataclass(slots=True)
+class _RunMessage:
+    """A message as a fast run sees it: its author (kind, id) and status."""
+
+    author: tuple[str, str]
+    status: str
+
+
+def _run_message_step(
+    run: dict[str, _RunMessage],
+    message_id: str,
+    item: EventInput,
+    author: Author,
+    *,
+    stored: _RunMessage | None,
+) -> bool:
+    """Apply one create/append/complete to the run's view of a session's messages (`stored`:
+    the message before the run, None if absent); False where `append_events` would refuse it
+    (`_materialize_messages` says why)."""
+    known = run.get(message_id, stored)
+    who = (author.kind, author.id)
+    if item.type == et.MESSAGE_CREATE:
+        if known is not None:
+            return False
+        run[message_id] = _RunMessage(who, item.data.get("status", et.MESSAGE_STREAMING))
+        return True
+    if known is None or known.author != who or known.status != et.MESSAGE_STREAMING:
+        return False
+    status = et.MESSAGE_STREAMING
+    if item.type == et.MESSAGE_COMPLETE:
+        status = item.data.get("status", et.MESSAGE_COMPLETE_STATUS)
+    run[message_id] = _RunMessage(who, status)
+    return True
+
+
+_MESSAGE_ROW_FIELDS = (
+    "session",
+    "message_id",
+    "role",
+    "author_kind",
+    "author_id",
+    "author_name",
+    "content",
+    "parts",
+    "status",
+    "reason",
+    "version",
+    "created_seq",
+    "last_seq",
+    "created_at",
+    "updated_at",
+)
+
+
+def _message_row(
+    session_id: str, message_id: str, item: EventInput, author: Author, seq: int, db_now: Any
+) -> tuple[Any, ...]:
+    """The INSERT parameters of a message a `message.create` opens (as `_materialize_messages`
+    builds it), in `_MESSAGE_ROW_FIELDS` order."""
+    parts = Message._meta.get_field("parts").get_db_prep_save(item.data.get("parts"), connection)
+    return (
+        session_id,
+        message_id,
+        item.data["role"],
+        author.kind,
+        author.id,
+        author.name,
+        item.data.get("content") or "",
+        parts,
+        item.data.get("status", et.MESSAGE_STREAMING),
+        "",
+        1,
+        seq,
+        seq,
+        db_now,
+        db_now,
+    )
 
 
 def _write_fast(
@@ -815,6 +926,9 @@ def _write_fast(
     rows: list[tuple[Any, ...]] = []
     results: dict[int, list[AppendResult]] = {}
     wires: dict[str, list[dict[str, Any]]] = {}
+    # Messages created (INSERT rows) and completed (UPDATE parameters) by the run.
+    creates: list[tuple[Any, ...]] = []
+    completes: list[tuple[Any, ...]] = []
     # Per (session, message, author kind, author id): its deltas in seq order, and its last seq.
     appends: dict[tuple[str, str, str, str], list[str]] = {}
     last_seq: dict[tuple[str, str, str, str], int] = {}
@@ -842,6 +956,7 @@ def _write_fast(
             raise FastLaneMiss(session_id)
         seq = head - count
         session_wires = wires[session_id] = []
+        run: dict[str, _RunMessage] = {}
         for i in group:
             author = requests[i].author
             request_results = results[i] = []
@@ -849,13 +964,41 @@ def _write_fast(
                 seq += 1
                 event_id = new_event_id()
                 visibility = _visibility_for(item.type)
+                message_id = item.message_id
+                if item.type in _FAST_MESSAGE_TYPES:
+                    if item.type == et.MESSAGE_CREATE:
+                        message_id = message_id or new_message_id()
+                        stored = None  # the INSERT below meets the unique constraint if not
+                    else:  # the conditional UPDATEs below check the stored state
+                        stored = _RunMessage((author.kind, author.id), et.MESSAGE_STREAMING)
+                    assert message_id is not None
+                    if not _run_message_step(run, message_id, item, author, stored=stored):
+                        raise FastLaneMiss(session_id)
+                    if item.type == et.MESSAGE_CREATE:
+                        creates.append(
+                            _message_row(session_id, message_id, item, author, seq, db_now)
+                        )
+                    elif item.type == et.MESSAGE_COMPLETE:
+                        completes.append(
+                            (
+                                item.data.get("status", et.MESSAGE_COMPLETE_STATUS),
+                                (item.data.get("reason") or "")[:200],
+                                seq,
+                                db_now,
+                                session_id,
+                                message_id,
+                                author.kind,
+                                author.id,
+                                et.MESSAGE_STREAMING,
+                            )
+                        )
                 rows.append(
                     (
                         event_id,
                         session_id,
                         seq,
                         item.type,
-                        item.message_id,
+                        message_id,
                         author.kind,
                         author.id,
                         author.name,
@@ -871,7 +1014,7 @@ def _write_fast(
                         event_id,
                         session_id,
                         item.type,
-                        item.message_id,
+                        message_id,
                         author.kind,
                         author.id,
                         author.name,
@@ -880,9 +1023,9 @@ def _write_fast(
                         now,
                     )
                 )
-                request_results.append(AppendResult(seq, event_id, item.message_id, False))
+                request_results.append(AppendResult(seq, event_id, message_id, False))
                 if item.type == et.MESSAGE_APPEND:
-                    key = (session_id, item.message_id or "", author.kind, author.id)
+                    key = (session_id, message_id or "", author.kind, author.id)
                     appends.setdefault(key, []).append(item.data["delta"])
                     last_seq[key] = seq
     if not rows:
@@ -905,9 +1048,21 @@ def _write_fast(
             "created_at",
         )
     )
+    message_table = quote(Message._meta.db_table)
+    if creates:
+        message_columns = ", ".join(
+            quote(Message._meta.get_field(name).column) for name in _MESSAGE_ROW_FIELDS
+        )
+        cursor.executemany(
+            f"INSERT INTO {message_table} ({message_columns}) "
+            f"VALUES ({', '.join(['%s'] * len(_MESSAGE_ROW_FIELDS))})",
+            creates,
+        )
+    # After the INSERTs (a run may create a message and stream into it) and before the
+    # completions (the run view above puts every append of a message before its completion).
     if appends:
         cursor.executemany(
-            f"UPDATE {quote(Message._meta.db_table)} SET content = content || %s, "
+            f"UPDATE {message_table} SET content = content || %s, "
             "version = version + %s, last_seq = %s, updated_at = %s WHERE session_id = %s "
             "AND message_id = %s AND author_kind = %s AND author_id = %s AND status = %s",
             [
@@ -916,6 +1071,15 @@ def _write_fast(
             ],
         )
         if cursor.rowcount != len(appends):
+            raise FastLaneMiss("message")
+    if completes:
+        cursor.executemany(
+            f"UPDATE {message_table} SET status = %s, reason = %s, version = version + 1, "
+            "last_seq = %s, updated_at = %s WHERE session_id = %s AND message_id = %s "
+            "AND author_kind = %s AND author_id = %s AND status = %s",
+            completes,
+        )
+        if cursor.rowcount != len(completes):
             raise FastLaneMiss("message")
     cursor.executemany(
         f"INSERT INTO {quote(Event._meta.db_table)} ({columns}) VALUES ({', '.join(['%s'] * 12)})",

@@ -1,7 +1,8 @@
 """Group commit for the streaming path.
 
 Publishes from this process's WebSockets queue here and are written together by `append_many`:
-one transaction per batch; token appends and plain events share a few raw statements, anything
+one transaction per batch; messages opened, streamed and completed, and plain events, share a
+few raw statements, anything
 else (and a run that meets a refusal) goes publish by publish in savepoints, so one refused
 publish never fails its neighbours. The batch is ordered by session id (stable), so two
 processes' batches always take session row locks in the same order and cannot deadlock. A
@@ -10,7 +11,7 @@ acknowledged or broadcast before it is durable.
 
 On the embedded SQLite default, what the fast lane takes of a batch commits on the event loop
 itself, on a connection of the writer's own (`LoopLane`): no thread hop and no GIL ping-pong with
-the loop. The rest of each session's requests (a `message.complete`, a status change, …), and a
+the loop. The rest of each session's requests (a `message.update`, a status change, …), and a
 batch the lane cannot take at all, go to `append_many` in Django's database thread afterwards.
 """
 

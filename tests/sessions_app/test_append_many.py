@@ -1,5 +1,6 @@
-"""Group commit's fast lane: token appends and plain events in bulk, with every rule of the
-general path (seqs, refusals, idempotency, materialization, fan-out after commit) unchanged."""
+"""Group commit's fast lane: messages created, streamed and completed, and plain events, in
+bulk, with every rule of the general path (seqs, refusals, idempotency, materialization,
+fan-out after commit) unchanged."""
 
 from __future__ import annotations
 
@@ -52,6 +53,24 @@ def token(
         session_id=session_id,
         author=author,
         events=[EventInput(et.MESSAGE_APPEND, {"delta": delta}, message_id, client_ref)],
+    )
+
+
+def message_event(
+    session_id: str,
+    event_type: str,
+    message_id: str | None,
+    data: dict[str, Any] | None = None,
+    *,
+    author: Author = AGENT,
+) -> AppendRequest:
+    """A `message.create` (role assistant unless given) or `message.complete` publish."""
+    if event_type == et.MESSAGE_CREATE:
+        data = {"role": "assistant", **(data or {})}
+    return AppendRequest(
+        session_id=session_id,
+        author=author,
+        events=[EventInput(event_type, data or {}, message_id=message_id)],
     )
 
 
@@ -200,6 +219,32 @@ def _claim(session: Session) -> None:
         (None, lambda s: token(s.id, "nope", "x"), "message_not_found", 404),
         (None, lambda s: token("ses_missing", "m", "x"), "not_found", 404),
         (_claim, lambda s: token(s.id, "m", "x"), "controlled_by_human", 409),
+        (None, lambda s: message_event(s.id, et.MESSAGE_CREATE, "m"), "message_exists", 409),
+        (_claim, lambda s: message_event(s.id, et.MESSAGE_CREATE, "n"), "controlled_by_human", 409),
+        (
+            None,
+            lambda s: message_event(s.id, et.MESSAGE_CREATE, "n", {"role": "operator"}),
+            "forbidden",
+            403,
+        ),
+        (
+            _complete,
+            lambda s: message_event(s.id, et.MESSAGE_COMPLETE, "m"),
+            "message_not_streaming",
+            409,
+        ),
+        (
+            None,
+            lambda s: message_event(s.id, et.MESSAGE_COMPLETE, "m", author=OTHER_AGENT),
+            "forbidden",
+            403,
+        ),
+        (
+            None,
+            lambda s: message_event(s.id, et.MESSAGE_COMPLETE, "nope"),
+            "message_not_found",
+            404,
+        ),
     ],
     ids=[
         "closed",
@@ -209,6 +254,12 @@ def _claim(session: Session) -> None:
         "missing-message",
         "missing-session",
         "with-human",
+        "create-existing",
+        "create-with-human",
+        "create-wrong-role",
+        "complete-finished",
+        "complete-wrong-author",
+        "complete-missing",
     ],
 )
 def test_a_refusal_in_a_batch_is_exact_and_its_neighbours_commit(
@@ -243,6 +294,125 @@ def test_a_refusal_in_a_batch_is_exact_and_its_neighbours_commit(
     assert {s for s, _ in published} == {before.id, after.id}
     assert [sid for sid, _ in published].count(before.id) == 1  # still one fast run
     assert fanned(published, before.id) == [2, 3]
+
+
+def test_an_answer_ends_and_the_next_begins_in_the_fast_lane(make_session, published, monkeypatch):
+    """An agent completing one message and opening the next (every answer does) stays in the
+    fast lane, and leaves the same rows as the general path publishing the same events."""
+    fast, general = make_session(), make_session()
+    for s in (fast, general):
+        create(s.id, "m1")
+    opened = {"role": "assistant", "content": "Hi", "parts": [{"type": "text"}]}
+    sequence = [
+        (et.MESSAGE_APPEND, "m1", {"delta": "a"}),
+        (et.MESSAGE_COMPLETE, "m1", {"status": "cancelled", "reason": "user left"}),
+        (et.MESSAGE_CREATE, "m2", opened),
+        (et.MESSAGE_APPEND, "m2", {"delta": " there"}),
+        (et.MESSAGE_APPEND, "m2", {"delta": "!"}),
+        (et.MESSAGE_COMPLETE, "m2", {}),
+    ]
+    for event_type, message_id, data in sequence:
+        append_events(
+            session_id=general.id,
+            author=AGENT,
+            events=[EventInput(event_type, data, message_id=message_id)],
+        )
+    published.clear()
+    real = services.append_events
+    monkeypatch.setattr(
+        services, "append_events", lambda **kw: pytest.fail(f"general path: {kw}") or real(**kw)
+    )
+    outcomes = append_many(
+        [AppendRequest(fast.id, AGENT, [EventInput(t, d, message_id=m)]) for t, m, d in sequence]
+    )
+    assert [seqs_of(o) for o in outcomes] == [[2], [3], [4], [5], [6], [7]]
+    assert [r.message_id for o in outcomes for r in o] == ["m1", "m1", "m2", "m2", "m2", "m2"]  # type: ignore[union-attr]
+    assert fanned(published, fast.id) == [2, 3, 4, 5, 6, 7]
+    fields = (
+        "message_id",
+        "role",
+        "author_kind",
+        "author_id",
+        "author_name",
+        "content",
+        "parts",
+        "status",
+        "reason",
+        "version",
+        "created_seq",
+        "last_seq",
+    )
+
+    def messages(session: Session) -> list[tuple[Any, ...]]:
+        return list(
+            Message.objects.filter(session=session).order_by("created_seq").values_list(*fields)
+        )
+
+    assert messages(fast) == messages(general)
+    assert messages(fast)[1][5:10] == ("Hi there!", [{"type": "text"}], "complete", "", 4)
+    assert stored(fast.id) == stored(general.id)
+
+
+@pytest.mark.parametrize(
+    ("requests_for", "refused", "code"),
+    [
+        (  # a token still in flight after its message was completed in the same batch
+            lambda s: [
+                message_event(s, et.MESSAGE_COMPLETE, "m"),
+                token(s, "m", "late"),
+            ],
+            1,
+            "message_not_streaming",
+        ),
+        (  # a message opened complete takes no tokens
+            lambda s: [
+                message_event(s, et.MESSAGE_CREATE, "n", {"status": "complete"}),
+                token(s, "n", "x"),
+            ],
+            1,
+            "message_not_streaming",
+        ),
+        (  # the same id opened twice in one batch
+            lambda s: [
+                message_event(s, et.MESSAGE_CREATE, "n"),
+                message_event(s, et.MESSAGE_CREATE, "n"),
+            ],
+            1,
+            "message_exists",
+        ),
+        (  # someone else streaming into a message opened in this batch
+            lambda s: [
+                message_event(s, et.MESSAGE_CREATE, "n"),
+                token(s, "n", "x", author=OTHER_AGENT),
+            ],
+            1,
+            "forbidden",
+        ),
+    ],
+    ids=["append-after-complete", "append-to-opened-complete", "create-twice", "wrong-author"],
+)
+def test_message_rules_hold_between_publishes_of_one_batch(
+    make_session, requests_for, refused, code
+):
+    s, neighbour = make_session(), make_session()
+    create(s.id, "m")
+    create(neighbour.id, "m")
+    requests = [*requests_for(s.id), token(neighbour.id, "m", "ok")]
+    outcomes = append_many(requests)
+    err = outcomes[refused]
+    assert isinstance(err, BatonError) and err.code == code, err
+    assert all(not isinstance(o, BatonError) for i, o in enumerate(outcomes) if i != refused)
+    assert Session.objects.get(pk=s.id).last_seq == 1 + len(requests) - 2
+    assert Message.objects.get(session=neighbour, message_id="m").content == "ok"
+
+
+def test_a_message_opened_without_an_id_gets_one_in_the_fast_lane(make_session):
+    s = make_session()
+    (outcome,) = append_many([message_event(s.id, et.MESSAGE_CREATE, None)])
+    (result,) = outcome  # type: ignore[misc]
+    assert result.message_id and result.message_id.startswith("msg_")
+    assert Event.objects.get(pk=result.id).message_id == result.message_id
+    assert Message.objects.get(session=s, message_id=result.message_id).created_seq == 1
 
 
 def test_only_the_session_at_fault_leaves_the_fast_lane(make_session, monkeypatch):

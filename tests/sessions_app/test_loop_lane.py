@@ -177,7 +177,7 @@ async def test_the_lane_connection_is_announced_like_any_django_connection(make_
 async def test_the_lane_takes_each_sessions_leading_run_and_the_thread_the_rest_in_order(
     make_session,
 ):
-    """A `message.complete` (not fast-lane work) no longer sends its whole batch to the thread:
+    """A `message.update` (not fast-lane work) does not send its whole batch to the thread:
     the lane commits what comes before it in its session, and every other session's run; the
     thread then writes the rest, so each session keeps its submission order."""
     a = await _session_with_message(make_session)
@@ -186,26 +186,55 @@ async def test_the_lane_takes_each_sessions_leading_run_and_the_thread_the_rest_
     lane = _lane()
     batches, left = lane.stats["batches"], lane.stats["left"]
     token = EventInput(type="message.append", data={"delta": "hi"}, message_id="m")
-    complete = EventInput(type="message.complete", data={}, message_id="m")
+    rewrite = EventInput(type="message.update", data={"content": "hello"}, message_id="m")
     futures = [
         writer.submit(session_id=a, author=AGENT, events=[token]),
         writer.submit(session_id=b, author=AGENT, events=[_step(1)]),
-        writer.submit(session_id=a, author=AGENT, events=[complete]),
+        writer.submit(session_id=a, author=AGENT, events=[rewrite]),
         writer.submit(session_id=a, author=AGENT, events=[_step(2)]),
         writer.submit(session_id=b, author=AGENT, events=[_step(3)]),
     ]
     results = await asyncio.gather(*futures)
     assert [r[0].seq for r in results] == [2, 1, 3, 4, 2]
     assert lane.stats["batches"] == batches + 1
-    assert lane.stats["left"] == left + 2  # a's complete and the step after it
+    assert lane.stats["left"] == left + 2  # a's rewrite and the step after it
     types = await database_sync_to_async(
         lambda: list(
             Event.objects.filter(session_id=a).order_by("seq").values_list("type", flat=True)
         )
     )()
-    assert types == ["message.create", "message.append", "message.complete", "progress.step"]
+    assert types == ["message.create", "message.append", "message.update", "progress.step"]
     message = await database_sync_to_async(Message.objects.get)(session_id=a, message_id="m")
-    assert (message.content, message.status) == ("hi", "complete")
+    assert (message.content, message.status, message.version) == ("hello", "streaming", 3)
+
+
+@sqlite_only
+async def test_an_answer_ends_and_the_next_begins_on_the_lane(make_session):
+    """The end of one answer and the start of the next commit with the tokens around them, on
+    the loop: nothing is left for the thread, whose wait held every session's tokens."""
+    a = await _session_with_message(make_session)
+    writer = get_hub().writer
+    lane = _lane()
+    batches, left = lane.stats["batches"], lane.stats["left"]
+    events = [
+        EventInput(type="message.append", data={"delta": "a"}, message_id="m"),
+        EventInput(type="message.complete", data={}, message_id="m"),
+        EventInput(type="message.create", data={"role": "assistant"}, message_id="n"),
+        EventInput(type="message.append", data={"delta": "b"}, message_id="n"),
+    ]
+    results = await asyncio.gather(
+        *(writer.submit(session_id=a, author=AGENT, events=[e]) for e in events)
+    )
+    assert [r[0].seq for r in results] == [2, 3, 4, 5]
+    assert (lane.stats["batches"], lane.stats["left"]) == (batches + 1, left)
+    rows = await database_sync_to_async(
+        lambda: list(
+            Message.objects.filter(session_id=a)
+            .order_by("created_seq")
+            .values_list("message_id", "content", "status", "last_seq")
+        )
+    )()
+    assert rows == [("m", "a", "complete", 3), ("n", "b", "streaming", 5)]
 
 
 async def test_a_lane_opens_only_on_a_sqlite_file_in_wal_mode(make_session):
