@@ -263,7 +263,9 @@ class Contender:
         """Which processes' CPU a delivered event is charged to."""
         spec: dict[str, Any] = {"server": self.pids}
         if self.db == "postgres":
-            spec["postgres"] = {"cmdline": f"postgres: postgres {PG_DB} "}
+            # A backend's title is "postgres: [cluster: ]user database client state" (Debian
+            # sets cluster_name, e.g. "15/main"), so match on "user database " alone.
+            spec["postgres"] = {"cmdline": f"postgres {PG_DB} "}
             spec["redis"] = {"comm": "redis-server"}
         return spec
 
