@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from project.server import uvicorn_args
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_DSN = "postgres://postgres@127.0.0.1:5432"
 PG_DB = "baton_bench"
@@ -194,24 +196,16 @@ class Contender:
             return [py, "-m", "bench.wsbroadcast", "--port", str(port), "--loop", self.loop]
         if self.server == "daphne":
             return [py, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "-v", "0", app]
-        uv_args = [
-            app,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--loop",
-            self.loop,
-            "--ws",
-            "auto",
-            "--ws-per-message-deflate",
-            "false",
-            "--timeout-graceful-shutdown",
-            "2",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ]
+        # Baton's own command line (the plain Channels contender runs on the same server).
+        uv_args = uvicorn_args(
+            host="127.0.0.1",
+            port=port,
+            app=app,
+            options=[
+                *("--loop", self.loop, "--ws-per-message-deflate", "false"),
+                *("--timeout-graceful-shutdown", "2", "--no-access-log", "--log-level", "warning"),
+            ],
+        )
         if probe is not None:
             return [py, "-m", "bench.commit_probe", str(probe), "--", *uv_args]
         return [py, "-m", "uvicorn", *uv_args]

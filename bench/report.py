@@ -203,7 +203,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     add("Contenders (each a subprocess started by the harness, every one on 127.0.0.1):")
     add("")
     add(
-        "- **a** Baton embedded: `python -m uvicorn project.asgi:application` (and `daphne` for "
+        "- **a** Baton embedded: `python -m uvicorn project.asgi:application --ws "
+        "websockets-sansio` (Baton's command line, `project/server.py`; and `daphne` for "
         "the same app), SQLite file + `InMemoryChannelLayer`, one process. Agents and "
         "subscribers authenticate with an agent key (`create_agent_key`), subscribers with "
         "their own `client_id`."
@@ -216,7 +217,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     add(
         "- **c** a plain Django Channels consumer (`bench/plainchannels/`): `group_send` per "
         "message, one channel-layer message and one JSON encode per subscriber, no persistence, "
-        "same uvicorn."
+        "same uvicorn command line."
     )
     add(
         "- **d** a raw `websockets` server (`bench/wsbroadcast.py`): one JSON encode per event "

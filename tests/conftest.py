@@ -10,7 +10,6 @@ import asyncio
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from rest_framework.test import APIClient
 
+from project.server import uvicorn_command
 from sessions_app.auth import mint_client_token
 from sessions_app.hub import shutdown_hub
 from sessions_app.identity import Author
@@ -151,27 +151,15 @@ class ServerProcess:
         assert self.log_path is not None
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "project.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--lifespan",
-                "off",
-                "--log-level",
-                "warning",
-                "--ws-ping-interval",
-                "5",
-                "--ws-ping-timeout",
-                "5",
-                "--timeout-graceful-shutdown",
-                "2",
-                *self.extra_args,
-            ],
+            uvicorn_command(
+                host="127.0.0.1",
+                port=self.port,
+                ping_seconds=5,
+                options=[
+                    *("--log-level", "warning", "--timeout-graceful-shutdown", "2"),
+                    *self.extra_args,
+                ],
+            ),
             cwd=ROOT,
             env=self.env,
             stdout=log,

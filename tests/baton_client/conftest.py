@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from baton_client import BatonClient, BatonREST
+from project.server import uvicorn_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -173,20 +174,7 @@ class LiveServer:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "project.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-                "--lifespan",
-                "off",
-            ],
+            uvicorn_command(host="127.0.0.1", port=self.port, options=["--log-level", "warning"]),
             cwd=REPO,
             env=self.db.env(),
             stdout=log,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from typing import Any
 
@@ -19,6 +18,8 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
+
+from project.server import uvicorn_command
 
 RESTART_PAUSE_MAX = 10.0
 
@@ -95,23 +96,12 @@ class Supervisor:
         self.stopping = False
 
     def command(self, port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "project.asgi:application",
-            "--host",
-            self.host,
-            "--port",
-            str(port),
-            "--lifespan",
-            "off",
-            "--no-access-log",
-            "--ws-ping-interval",
-            os.environ.get("BATON_WS_PING_SECONDS", "20"),
-            "--ws-ping-timeout",
-            os.environ.get("BATON_WS_PING_SECONDS", "20"),
-        ]
+        return uvicorn_command(
+            host=self.host,
+            port=port,
+            ping_seconds=float(os.environ.get("BATON_WS_PING_SECONDS", "20")),
+            options=["--no-access-log"],
+        )
 
     def start(self, port: int) -> None:
         self.procs[port] = subprocess.Popen(self.command(port), cwd=settings.BASE_DIR)

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 
+from project.server import uvicorn_command
 from sessions_app.models import AgentKey
 from sessions_app.services import create_agent_key
 
@@ -41,22 +42,7 @@ class Command(BaseCommand):
         )
         base = f"http://{options['host']}:{options['port']}"
         server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "project.asgi:application",
-                "--host",
-                options["host"],
-                "--port",
-                str(options["port"]),
-                "--lifespan",
-                "off",
-                "--ws-ping-interval",
-                "10",
-                "--ws-ping-timeout",
-                "10",
-            ],
+            uvicorn_command(host=options["host"], port=options["port"], ping_seconds=10),
             cwd=settings.BASE_DIR,
         )
         children = [server]
