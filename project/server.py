@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 APP = "project.asgi:application"
 
@@ -32,18 +33,6 @@ def uvicorn_args(
     return [*args, *options]
 
 
-def uvicorn_command(
-    *,
-    host: str,
-    port: int,
-    app: str = APP,
-    ping_seconds: float | None = None,
-    options: Sequence[str] = (),
-) -> list[str]:
-    """The full command line, run with this interpreter."""
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        *uvicorn_args(host=host, port=port, app=app, ping_seconds=ping_seconds, options=options),
-    ]
+def uvicorn_command(**args: Any) -> list[str]:
+    """The full command line, run with this interpreter (arguments as for `uvicorn_args`)."""
+    return [sys.executable, "-m", "uvicorn", *uvicorn_args(**args)]
