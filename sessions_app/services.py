@@ -446,6 +446,37 @@ def _allocate_sessions(
     return heads
 
 
+def _opened_message(
+    *, session_id: str, message_id: str, item: EventInput, author: Author, seq: int, now: datetime
+) -> Message:
+    """The message a `message.create` opens (unsaved): the general path bulk-creates it, the fast
+    lane inserts its field values."""
+    return Message(
+        session_id=session_id,
+        message_id=message_id,
+        role=item.data["role"],
+        author_kind=author.kind,
+        author_id=author.id,
+        author_name=author.name,
+        content=item.data.get("content") or "",
+        parts=item.data.get("parts"),
+        status=item.data.get("status", et.MESSAGE_STREAMING),
+        version=1,
+        created_seq=seq,
+        last_seq=seq,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def _completion(item: EventInput) -> tuple[str, str]:
+    """The status and reason a `message.complete` leaves on its message."""
+    return (
+        item.data.get("status", et.MESSAGE_COMPLETE_STATUS),
+        (item.data.get("reason") or "")[:200],
+    )
+
+
 def _materialize_messages(
     session_id: str,
     message_events: list[tuple[EventInput, Event]],
@@ -469,23 +500,14 @@ def _materialize_messages(
         if item.type == et.MESSAGE_CREATE:
             if message is not None:
                 raise conflict("message_exists", f"Message {message_id} already exists.")
-            message = Message(
+            created[message_id] = _opened_message(
                 session_id=session_id,
                 message_id=message_id,
-                role=item.data["role"],
-                author_kind=row.author_kind,
-                author_id=row.author_id,
-                author_name=row.author_name,
-                content=item.data.get("content") or "",
-                parts=item.data.get("parts"),
-                status=item.data.get("status", et.MESSAGE_STREAMING),
-                version=1,
-                created_seq=row.seq,
-                last_seq=row.seq,
-                created_at=now,
-                updated_at=now,
+                item=item,
+                author=Author(row.author_kind, row.author_id, row.author_name),
+                seq=row.seq,
+                now=now,
             )
-            created[message_id] = message
             continue
         if message is None:
             raise BatonError("message_not_found", f"No message {message_id} in this session.", 404)
@@ -509,8 +531,7 @@ def _materialize_messages(
                 raise conflict(
                     "message_not_streaming", f"Message {message_id} is {message.status}."
                 )
-            message.status = item.data.get("status", et.MESSAGE_COMPLETE_STATUS)
-            message.reason = (item.data.get("reason") or "")[:200]
+            message.status, message.reason = _completion(item)
         message.version += 1
         message.last_seq = row.seq
         message.updated_at = now
@@ -871,48 +892,14 @@ def _run_message_step(
     return True
 
 
-_MESSAGE_ROW_FIELDS = (
-    "session",
-    "message_id",
-    "role",
-    "author_kind",
-    "author_id",
-    "author_name",
-    "content",
-    "parts",
-    "status",
-    "reason",
-    "version",
-    "created_seq",
-    "last_seq",
-    "created_at",
-    "updated_at",
-)
-
-
-def _message_row(
-    session_id: str, message_id: str, item: EventInput, author: Author, seq: int, db_now: Any
-) -> tuple[Any, ...]:
-    """The INSERT parameters of a message a `message.create` opens (as `_materialize_messages`
-    builds it), in `_MESSAGE_ROW_FIELDS` order."""
-    parts = Message._meta.get_field("parts").get_db_prep_save(item.data.get("parts"), connection)
-    return (
-        session_id,
-        message_id,
-        item.data["role"],
-        author.kind,
-        author.id,
-        author.name,
-        item.data.get("content") or "",
-        parts,
-        item.data.get("status", et.MESSAGE_STREAMING),
-        "",
-        1,
-        seq,
-        seq,
-        db_now,
-        db_now,
-    )
+def _message_row(message: Message) -> list[Any]:
+    """The INSERT parameters of an opened message, in `Message._meta.concrete_fields` order
+    without the auto id."""
+    return [
+        field.get_db_prep_save(getattr(message, field.attname), connection)
+        for field in Message._meta.concrete_fields
+        if not field.primary_key
+    ]
 
 
 def _write_fast(
@@ -927,7 +914,7 @@ def _write_fast(
     results: dict[int, list[AppendResult]] = {}
     wires: dict[str, list[dict[str, Any]]] = {}
     # Messages created (INSERT rows) and completed (UPDATE parameters) by the run.
-    creates: list[tuple[Any, ...]] = []
+    creates: list[list[Any]] = []
     completes: list[tuple[Any, ...]] = []
     # Per (session, message, author kind, author id): its deltas in seq order, and its last seq.
     appends: dict[tuple[str, str, str, str], list[str]] = {}
@@ -975,14 +962,19 @@ def _write_fast(
                     if not _run_message_step(run, message_id, item, author, stored=stored):
                         raise FastLaneMiss(session_id)
                     if item.type == et.MESSAGE_CREATE:
-                        creates.append(
-                            _message_row(session_id, message_id, item, author, seq, db_now)
+                        opened = _opened_message(
+                            session_id=session_id,
+                            message_id=message_id,
+                            item=item,
+                            author=author,
+                            seq=seq,
+                            now=now,
                         )
+                        creates.append(_message_row(opened))
                     elif item.type == et.MESSAGE_COMPLETE:
                         completes.append(
                             (
-                                item.data.get("status", et.MESSAGE_COMPLETE_STATUS),
-                                (item.data.get("reason") or "")[:200],
+                                *_completion(item),
                                 seq,
                                 db_now,
                                 session_id,
@@ -1050,12 +1042,12 @@ def _write_fast(
     )
     message_table = quote(Message._meta.db_table)
     if creates:
-        message_columns = ", ".join(
-            quote(Message._meta.get_field(name).column) for name in _MESSAGE_ROW_FIELDS
-        )
+        message_columns = [
+            quote(field.column) for field in Message._meta.concrete_fields if not field.primary_key
+        ]
         cursor.executemany(
-            f"INSERT INTO {message_table} ({message_columns}) "
-            f"VALUES ({', '.join(['%s'] * len(_MESSAGE_ROW_FIELDS))})",
+            f"INSERT INTO {message_table} ({', '.join(message_columns)}) "
+            f"VALUES ({', '.join(['%s'] * len(message_columns))})",
             creates,
         )
     # After the INSERTs (a run may create a message and stream into it) and before the

@@ -2,12 +2,11 @@
 
 Publishes from this process's WebSockets queue here and are written together by `append_many`:
 one transaction per batch; messages opened, streamed and completed, and plain events, share a
-few raw statements, anything
-else (and a run that meets a refusal) goes publish by publish in savepoints, so one refused
-publish never fails its neighbours. The batch is ordered by session id (stable), so two
-processes' batches always take session row locks in the same order and cannot deadlock. A
-caller's ack waits for the commit, so the delivery guarantee is unchanged: nothing is
-acknowledged or broadcast before it is durable.
+few raw statements, anything else (and a run that meets a refusal) goes publish by publish in
+savepoints, so one refused publish never fails its neighbours. The batch is ordered by session
+id (stable), so two processes' batches always take session row locks in the same order and
+cannot deadlock. A caller's ack waits for the commit, so the delivery guarantee is unchanged:
+nothing is acknowledged or broadcast before it is durable.
 
 On the embedded SQLite default, what the fast lane takes of a batch commits on the event loop
 itself, on a connection of the writer's own (`LoopLane`): no thread hop and no GIL ping-pong with
