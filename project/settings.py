@@ -177,9 +177,11 @@ BATON_MAX_FRAME_BYTES = env_int("BATON_MAX_FRAME_BYTES", 4 * 65536)
 BATON_MAX_BATCH_EVENTS = env_int("BATON_MAX_BATCH_EVENTS", 500)
 BATON_MAX_BUFFERED_EVENTS = env_int("BATON_MAX_BUFFERED_EVENTS", 20000)
 # Group commit under concurrent load: a batch waits until it holds BATCH publishes or its oldest
-# has waited WINDOW seconds (the most latency it adds); a lone stream never waits.
+# has waited WINDOW seconds (the most latency it adds); a lone stream never waits. While the
+# process nears one core of CPU, BATCH grows up to BATCH_MAX (sessions_app.writer.BatchSizer).
 BATON_GROUP_COMMIT_WINDOW = float(os.environ.get("BATON_GROUP_COMMIT_WINDOW", "0.04"))
 BATON_GROUP_COMMIT_BATCH = env_int("BATON_GROUP_COMMIT_BATCH", 24)
+BATON_GROUP_COMMIT_BATCH_MAX = env_int("BATON_GROUP_COMMIT_BATCH_MAX", 384)
 # Embedded SQLite: commit streaming batches on the event loop (sessions_app.writer.LoopLane).
 BATON_SQLITE_LOOP_WRITES = env_bool("BATON_SQLITE_LOOP_WRITES", True)
 BATON_REPLAY_PAGE = env_int("BATON_REPLAY_PAGE", 1000)

@@ -14,6 +14,7 @@ from sessions_app.hub import get_hub
 from sessions_app.identity import Author
 from sessions_app.models import Event, Message, Session
 from sessions_app.services import AppendRequest, EventInput, append_many
+from sessions_app.writer import BatchSizer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -122,6 +123,7 @@ async def test_concurrent_publishers_share_commits(make_session):
 @pytest.fixture
 def linger(settings):
     settings.BATON_GROUP_COMMIT_BATCH = 3
+    settings.BATON_GROUP_COMMIT_BATCH_MAX = 3  # a busy test machine must not grow it
     settings.BATON_GROUP_COMMIT_WINDOW = 30.0  # "forever": only a full batch or a lull ends it
     return settings
 
@@ -167,3 +169,54 @@ async def test_a_lull_ends_the_linger_for_publishers_waiting_on_acks(make_sessio
     # Alone after a batch of two: it lingered one lull, not the whole window, and not forever.
     assert writer.last_batch_size == 1
     assert loop.time() - started < 4.0
+
+
+class _Meter:
+    """A fake clock and CPU counter: `run(seconds, busy)` spends `busy` of a core per second."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.spent = 0.0
+
+    def run(self, seconds: float, busy: float) -> None:
+        self.now += seconds
+        self.spent += seconds * busy
+
+
+def _sizer(meter: _Meter) -> BatchSizer:
+    return BatchSizer(interval=0.5, clock=lambda: meter.now, cpu=lambda: meter.spent)
+
+
+def test_batches_grow_while_the_process_is_near_a_core_and_shrink_back():
+    meter = _Meter()
+    sizer = _sizer(meter)
+    sizes = []
+    for _ in range(6):
+        meter.run(0.5, busy=1.0)
+        sizes.append(sizer.current(base=24, ceiling=200))
+    assert sizes == [48, 96, 192, 200, 200, 200]  # doubles, capped at the ceiling
+    meter.run(0.5, busy=0.75)  # between the thresholds: hold
+    assert sizer.current(base=24, ceiling=200) == 200
+    sizes = []
+    for _ in range(5):
+        meter.run(0.5, busy=0.3)
+        sizes.append(sizer.current(base=24, ceiling=200))
+    assert sizes == [192, 96, 48, 24, 24]  # halves back, never below the base
+
+
+def test_the_batch_size_is_read_once_per_interval():
+    meter = _Meter()
+    sizer = _sizer(meter)
+    meter.run(0.2, busy=1.0)
+    assert sizer.current(base=24, ceiling=384) == 24  # too soon to judge
+    meter.run(0.3, busy=1.0)
+    assert sizer.current(base=24, ceiling=384) == 48
+    assert sizer.current(base=24, ceiling=384) == 48  # same instant: no second doubling
+
+
+def test_a_ceiling_at_the_base_pins_the_size():
+    meter = _Meter()
+    sizer = _sizer(meter)
+    meter.run(1.0, busy=1.0)
+    assert sizer.current(base=24, ceiling=24) == 24
+    assert sizer.current(base=24, ceiling=10) == 24  # a ceiling below the base means no growth
