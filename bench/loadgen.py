@@ -273,7 +273,13 @@ async def publisher(
 async def open_session(
     target: Target, session: str, index: int, k: int, stats: Stats, sem: asyncio.Semaphore
 ) -> SessionLoad:
-    """Connect K attached subscribers and the agent, and create the streaming message."""
+    """Connect K attached subscribers and the agent, and create the streaming message.
+
+    Session `index`'s agent goes to server `index` (mod the servers), its subscribers round-robin
+    from the next one: with several workers the agents alternate between them for every K, as
+    a load balancer would spread them, and each session's fan-out crosses the channel layer.
+    (Before, the index was i * (K + 1): with K=1 every agent landed on the first worker.)
+    """
 
     async def sub(j: int) -> ClientConnection:
         async with sem:
@@ -355,7 +361,7 @@ async def run_fanout(cfg: dict[str, Any], target: Target) -> None:
                 base = len(sessions)
                 opened = await asyncio.gather(
                     *(
-                        open_session(target, sid, (base + i) * (k + 1), k, stats, sem)
+                        open_session(target, sid, base + i, k, stats, sem)
                         for i, sid in enumerate(ids)
                     )
                 )
