@@ -47,6 +47,8 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 bench: $(VENV)/.bench-installed
 	$(PY) -m bench.run
 
-# Smoke run (< 2 min) for CI: bench/results/quick.md; fails only if a contender cannot start.
+# Smoke run (< 2 min) for CI: the harness's own tests (bench/test_bench.py), then
+# bench/results/quick.md; fails only if a test fails or a contender cannot start.
 bench-quick: $(VENV)/.bench-installed
+	$(PY) -m pytest -q bench
 	$(PY) -m bench.run --quick

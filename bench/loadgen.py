@@ -77,8 +77,8 @@ class Target:
     baton: bool
     token: str | None = None
 
-    def ws_url(self, session: str, index: int, client_id: str) -> str:
-        base = self.ws[index % len(self.ws)]
+    def ws_url(self, session: str, slot: int, client_id: str) -> str:
+        base = self.ws[slot % len(self.ws)]
         url = f"{base}/ws/sessions/{session}/"
         if self.token:
             url += f"?token={self.token}&client_id={client_id}"
@@ -270,26 +270,32 @@ async def publisher(
         stats.closes[str(exc.rcvd.code if exc.rcvd else "abnormal")] += 1
 
 
+def slots(index: int, k: int) -> tuple[int, list[int]]:
+    """Server slots (`Target.ws_url` takes them mod the servers) of session `index`'s agent and
+    of its K subscribers: the agent at `index`, its subscribers from the next slot on.
+
+    With several workers the agents alternate between them for every K, as a load balancer
+    would spread them, and each session's fan-out crosses the channel layer. (The agent's slot
+    was once `index * (K + 1)`: with K = 1 every agent landed on the first worker.)
+    """
+    return index, [index + j + 1 for j in range(k)]
+
+
 async def open_session(
     target: Target, session: str, index: int, k: int, stats: Stats, sem: asyncio.Semaphore
 ) -> SessionLoad:
-    """Connect K attached subscribers and the agent, and create the streaming message.
-
-    Session `index`'s agent goes to server `index` (mod the servers), its subscribers round-robin
-    from the next one: with several workers the agents alternate between them for every K, as
-    a load balancer would spread them, and each session's fan-out crosses the channel layer.
-    (Before, the index was i * (K + 1): with K=1 every agent landed on the first worker.)
-    """
+    """Connect K attached subscribers and the agent, and create the streaming message."""
+    agent_slot, sub_slots = slots(index, k)
 
     async def sub(j: int) -> ClientConnection:
         async with sem:
-            ws = await open_ws(target.ws_url(session, index + j + 1, f"sub-{index}-{j}"))
+            ws = await open_ws(target.ws_url(session, sub_slots[j], f"sub-{index}-{j}"))
             await attach(ws)
             return ws
 
     subs = list(await asyncio.gather(*(sub(j) for j in range(k))))
     async with sem:
-        agent = await open_ws(target.ws_url(session, index, f"agent-{index}"))
+        agent = await open_ws(target.ws_url(session, agent_slot, f"agent-{index}"))
     return SessionLoad(session=session, agent=agent, subs=subs)
 
 

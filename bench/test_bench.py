@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bench.contenders import all_contenders
-from bench.loadgen import percentile
+from bench.loadgen import Target, percentile, slots
 from bench.procstat import CpuWindow, cpu_seconds, rss_bytes
 from bench.report import idle_per_socket, write_report
 from bench.run import knee_step, run_loadgen
@@ -37,6 +37,22 @@ def test_percentile_and_knee_rule() -> None:
     steps = [{"s": 1, "within_knee": True}, {"s": 2, "within_knee": True}, {"s": 4}]
     assert knee_step(steps) == steps[1]
     assert knee_step([{"s": 1, "within_knee": False}]) is None
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 10])
+def test_agents_alternate_between_workers_for_every_k(k: int) -> None:
+    target = Target(ws=["ws://w0", "ws://w1"], http=[], baton=True)
+
+    def worker(slot: int) -> str:
+        return target.ws_url("s", slot, "c").split("/ws/")[0]
+
+    agents = [worker(slots(i, k)[0]) for i in range(4)]
+    assert agents == ["ws://w0", "ws://w1", "ws://w0", "ws://w1"]
+    for i in range(4):
+        agent, subs = slots(i, k)
+        assert len(subs) == k
+        assert worker(subs[0]) != worker(agent)  # fan-out crosses the channel layer
+        assert {worker(s) for s in subs} == ({"ws://w0", "ws://w1"} if k > 1 else {worker(subs[0])})
 
 
 def test_idle_per_socket_uses_growth_over_baseline() -> None:
