@@ -59,7 +59,8 @@ class BatchSizer:
     1.0 core with p99 257-310 ms, adaptive 0.83 core with p99 161-165 ms; at S=32 both 0.87
     core, p99 36-38 ms (batches bounded only by the window: 0.5 core but p99 80 ms). So the size
     starts at the base, doubles while the process's CPU over the last interval is at or above
-    `high` of a core, and halves back at or below `low`; the window still bounds what a batch
+    `high` of a core, and halves back at or below `low` (once per interval that passed, so a
+    quiet spell returns it to the base); the window still bounds what a batch
     adds to latency.
     """
 
@@ -88,8 +89,9 @@ class BatchSizer:
             self.marked_at, self.cpu_at = now, spent
             if busy >= self.high and base << self.doublings < ceiling:
                 self.doublings += 1
-            elif busy <= self.low and self.doublings:
-                self.doublings -= 1
+            elif busy <= self.low:
+                # One halving per interval that passed: after a quiet spell, back to the base.
+                self.doublings = max(0, self.doublings - int(elapsed // self.interval))
         return max(base, min(base << self.doublings, ceiling))
 
 

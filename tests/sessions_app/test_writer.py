@@ -204,6 +204,19 @@ def test_batches_grow_while_the_process_is_near_a_core_and_shrink_back():
     assert sizes == [192, 96, 48, 24, 24]  # halves back, never below the base
 
 
+def test_after_a_quiet_spell_the_size_is_back_at_the_base():
+    meter = _Meter()
+    sizer = _sizer(meter)
+    for _ in range(4):
+        meter.run(0.5, busy=1.0)
+        sizer.current(base=24, ceiling=384)
+    assert sizer.current(base=24, ceiling=384) == 384
+    meter.run(1.0, busy=0.3)  # two intervals: two halvings
+    assert sizer.current(base=24, ceiling=384) == 96
+    meter.run(10.0, busy=0.0)  # nobody published for a while
+    assert sizer.current(base=24, ceiling=384) == 24
+
+
 def test_the_batch_size_is_read_once_per_interval():
     meter = _Meter()
     sizer = _sizer(meter)
