@@ -60,8 +60,7 @@ class BatchSizer:
     core, p99 36-38 ms (batches bounded only by the window: 0.5 core but p99 80 ms). So the size
     starts at the base, doubles while the process's CPU over the last interval is at or above
     `high` of a core, and halves back at or below `low` (once per interval that passed, so a
-    quiet spell returns it to the base); the window still bounds what a batch
-    adds to latency.
+    quiet spell returns it to the base); the window still bounds what a batch adds to latency.
     """
 
     def __init__(
