@@ -82,7 +82,7 @@ class BatchSizer:
         base = max(1, base)
         now = self.clock()
         elapsed = now - self.marked_at
-        if elapsed >= self.interval:
+        if elapsed >= self.interval and elapsed > 0:
             spent = self.cpu()
             busy = (spent - self.cpu_at) / elapsed
             self.marked_at, self.cpu_at = now, spent

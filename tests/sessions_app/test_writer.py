@@ -187,6 +187,29 @@ def _sizer(meter: _Meter) -> BatchSizer:
     return BatchSizer(interval=0.5, clock=lambda: meter.now, cpu=lambda: meter.spent)
 
 
+@pytest.mark.usefixtures("hub_cleanup")
+async def test_a_busy_process_holds_bigger_batches(make_session, linger):
+    linger.BATON_GROUP_COMMIT_BATCH_MAX = 6
+    session = await database_sync_to_async(make_session)()
+    writer = get_hub().writer
+    meter = _Meter()
+    writer.sizer = _sizer(meter)
+    await _two_at_once(writer, session.id)
+    batches = writer.stats["batches"]
+    meter.run(0.5, busy=1.0)  # the next lingering batch sees a saturated process: 3 -> 6
+
+    async def trickle() -> list[int]:
+        futures = [writer.submit(session_id=session.id, author=AGENT, events=[_step(3)])]
+        for i in range(4, 9):  # each arrival inside the lull keeps the batch open
+            await asyncio.sleep(0.01)
+            futures.append(writer.submit(session_id=session.id, author=AGENT, events=[_step(i)]))
+        return [results[0].seq for results in await asyncio.gather(*futures)]
+
+    assert await asyncio.wait_for(trickle(), 10) == [3, 4, 5, 6, 7, 8]
+    assert writer.batch_size == 6
+    assert writer.stats["batches"] == batches + 1  # one commit for the six, not two of three
+
+
 def test_batches_grow_while_the_process_is_near_a_core_and_shrink_back():
     meter = _Meter()
     sizer = _sizer(meter)
@@ -225,6 +248,14 @@ def test_the_batch_size_is_read_once_per_interval():
     meter.run(0.3, busy=1.0)
     assert sizer.current(base=24, ceiling=384) == 48
     assert sizer.current(base=24, ceiling=384) == 48  # same instant: no second doubling
+
+
+def test_an_interval_of_zero_reads_no_rate_from_no_time():
+    meter = _Meter()
+    sizer = BatchSizer(interval=0.0, clock=lambda: meter.now, cpu=lambda: meter.spent)
+    assert sizer.current(base=24, ceiling=384) == 24  # no time passed: no division by zero
+    meter.run(0.1, busy=1.0)
+    assert sizer.current(base=24, ceiling=384) == 48
 
 
 def test_a_ceiling_at_the_base_pins_the_size():
