@@ -52,7 +52,8 @@ def test_agents_alternate_between_workers_for_every_k(k: int) -> None:
         agent, subs = slots(i, k)
         assert len(subs) == k
         assert worker(subs[0]) != worker(agent)  # fan-out crosses the channel layer
-        assert {worker(s) for s in subs} == ({"ws://w0", "ws://w1"} if k > 1 else {worker(subs[0])})
+        if k > 1:
+            assert {worker(s) for s in subs} == {"ws://w0", "ws://w1"}
 
 
 def test_idle_per_socket_uses_growth_over_baseline() -> None:
