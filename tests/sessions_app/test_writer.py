@@ -136,6 +136,16 @@ async def _two_at_once(writer, session_id: str) -> None:
     assert writer.last_batch_size == 2
 
 
+async def _trickle(writer, session_id: str, steps: range) -> list[list[int]]:
+    """One publish per step, 10 ms apart: each arrival inside the lull keeps the batch open."""
+    futures = []
+    for i in steps:
+        if futures:
+            await asyncio.sleep(0.01)
+        futures.append(writer.submit(session_id=session_id, author=AGENT, events=[_step(i)]))
+    return [[r.seq for r in res] for res in await asyncio.wait_for(asyncio.gather(*futures), 10)]
+
+
 @pytest.mark.usefixtures("hub_cleanup")
 async def test_a_lingering_batch_commits_as_soon_as_it_is_full(make_session, linger):
     session = await database_sync_to_async(make_session)()
@@ -143,15 +153,7 @@ async def test_a_lingering_batch_commits_as_soon_as_it_is_full(make_session, lin
     await _two_at_once(writer, session.id)
     batches = writer.stats["batches"]
 
-    async def trickle() -> list[list[int]]:
-        first = writer.submit(session_id=session.id, author=AGENT, events=[_step(3)])
-        out = []
-        for i in (4, 5):  # each arrival inside the lull keeps the batch open
-            await asyncio.sleep(0.01)
-            out.append(writer.submit(session_id=session.id, author=AGENT, events=[_step(i)]))
-        return [[r.seq for r in res] for res in await asyncio.gather(first, *out)]
-
-    seqs = await asyncio.wait_for(trickle(), 10)
+    seqs = await _trickle(writer, session.id, range(3, 6))
     assert seqs == [[3], [4], [5]]
     assert writer.stats["batches"] == batches + 1  # one commit for the three
 
@@ -198,14 +200,8 @@ async def test_a_busy_process_holds_bigger_batches(make_session, linger):
     batches = writer.stats["batches"]
     meter.run(0.5, busy=1.0)  # the next lingering batch sees a saturated process: 3 -> 6
 
-    async def trickle() -> list[int]:
-        futures = [writer.submit(session_id=session.id, author=AGENT, events=[_step(3)])]
-        for i in range(4, 9):  # each arrival inside the lull keeps the batch open
-            await asyncio.sleep(0.01)
-            futures.append(writer.submit(session_id=session.id, author=AGENT, events=[_step(i)]))
-        return [results[0].seq for results in await asyncio.gather(*futures)]
-
-    assert await asyncio.wait_for(trickle(), 10) == [3, 4, 5, 6, 7, 8]
+    seqs = await _trickle(writer, session.id, range(3, 9))
+    assert seqs == [[3], [4], [5], [6], [7], [8]]
     assert writer.batch_size == 6
     assert writer.stats["batches"] == batches + 1  # one commit for the six, not two of three
 
