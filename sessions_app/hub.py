@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 EVENTS_MESSAGE = "baton.events"
 EPHEMERAL_MESSAGE = "baton.ephemeral"
+FORWARD_MESSAGE = "baton.commit"  # publishes handed to the committing worker (writer.Forwarder)
+ANSWER_MESSAGE = "baton.committed"  # its answers, to the worker that handed them over
 REPAIR_GRACE_SECONDS = 0.05
 GROUP_REFRESH_SECONDS = 30.0
 IDLE_FEED_SECONDS = 30.0
@@ -173,9 +175,13 @@ class Hub:
         self.closed = False  # shut down: a late publish must not start it again
         self.start_lock = asyncio.Lock()
         self.stats = {"repairs": 0, "repaired_events": 0, "layer_errors": 0}
-        from sessions_app.writer import EventWriter
+        from sessions_app.writer import EventWriter, Forwarder
 
         self.writer = EventWriter(loop, publish=self.publish)
+        if self.remote and settings.BATON_FORWARD_COMMITS:
+            self.writer.forwarder = Forwarder(
+                self.writer, send=self.layer.send, origin=self.worker_id
+            )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -209,6 +215,8 @@ class Hub:
             log.warning("channel layer unavailable; feeds follow the database for now")
             return False
         self.channel_name = name
+        if self.writer.forwarder is not None:
+            self.writer.forwarder.reply_to = name
         self.tasks.append(self.spawn(self._receive_loop()))
         return True
 
@@ -385,6 +393,16 @@ class Hub:
                 continue
             if message.get("o") == self.worker_id:
                 continue
+            kind = message.get("type")
+            forwarder = self.writer.forwarder
+            if kind in (FORWARD_MESSAGE, ANSWER_MESSAGE):
+                if forwarder is None:  # forwarding is off here: the sender's wait runs out
+                    continue
+                if kind == FORWARD_MESSAGE:
+                    forwarder.serve(message)
+                else:
+                    forwarder.on_answers(message)
+                continue
             session_id = message.get("s")
             feed = self.feeds.get(session_id)
             if feed is None:
@@ -425,7 +443,11 @@ class Hub:
             try:
                 if now >= next_heartbeat:
                     next_heartbeat = now + heartbeat_every
-                    await database_sync_to_async(_heartbeat)(self.worker_id)
+                    committer = await database_sync_to_async(_heartbeat)(
+                        self.worker_id, self.channel_name or ""
+                    )
+                    if self.writer.forwarder is not None:
+                        self.writer.forwarder.target = committer
                 if now >= next_reap:
                     # Reaping runs more often than the heartbeat so that a dead worker's
                     # presence is gone within timeout + reap_every, not timeout + heartbeat.
@@ -473,10 +495,16 @@ class Hub:
                     await self.layer.group_discard(group_name(session_id), self.channel_name)
 
 
-def _heartbeat(worker_id: str) -> None:
+def _heartbeat(worker_id: str, channel: str) -> str | None:
+    """Beat, and say where this worker's publishes go to be committed (None: here)."""
+    from sessions_app.selectors import get_committing_worker
     from sessions_app.services import heartbeat_worker
 
-    heartbeat_worker(worker_id=worker_id)
+    heartbeat_worker(worker_id=worker_id, channel=channel)
+    committer = get_committing_worker()
+    if committer is None or committer.id == worker_id:
+        return None
+    return committer.channel
 
 
 def _reap() -> None:

@@ -106,6 +106,9 @@ class Worker(models.Model):
     pid = models.IntegerField(default=0)
     started_at = models.DateTimeField(auto_now_add=True)
     heartbeat_at = models.DateTimeField()
+    # Its hub's channel-layer channel ("" on the in-memory layer): where other workers hand
+    # publishes for it to commit when it is the committing worker.
+    channel = models.CharField(max_length=200, blank=True, default="")
 
     def __str__(self) -> str:
         return f"{self.id} pid={self.pid}"

@@ -2,15 +2,25 @@
 
 import json
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import connections, transaction
 from django.db.models import F, Func, Q, QuerySet, TextField
 from django.utils import timezone
 
 from sessions_app import event_types as et
 from sessions_app.errors import BatonError, not_found
-from sessions_app.models import AgentKey, Connection, Event, Message, PresenceLease, Session
+from sessions_app.models import (
+    AgentKey,
+    Connection,
+    Event,
+    Message,
+    PresenceLease,
+    Session,
+    Worker,
+)
 from sessions_app.wire import EVENT_WIRE_FIELDS, event_wire, format_ts
 
 MAX_TYPE_PATTERNS = 20
@@ -307,4 +317,18 @@ def list_streaming_messages(*, session_id: str, author_kind: str) -> list[Messag
         Message.objects.filter(
             session_id=session_id, status=et.MESSAGE_STREAMING, author_kind=author_kind
         ).order_by("created_seq")
+    )
+
+
+def get_committing_worker(*, now: datetime | None = None) -> Worker | None:
+    """The worker that commits everyone's streaming publishes: the oldest one with a channel
+    whose heartbeat is fresh. Every worker computes the same answer from the same rows, and it
+    stays put while that worker lives (a newcomer is younger)."""
+    now = now or timezone.now()
+    fresh = now - timedelta(seconds=settings.BATON_WORKER_TIMEOUT_SECONDS)
+    return (
+        Worker.objects.filter(heartbeat_at__gte=fresh)
+        .exclude(channel="")
+        .order_by("started_at", "id")
+        .first()
     )

@@ -54,6 +54,10 @@ class EventInput:
     data: dict[str, Any]
     message_id: str | None = None
     client_ref: str | None = None
+    # Set by the server only (never parsed from the wire): an id chosen before the commit, so a
+    # publish handed to another worker can be committed again here without being stored twice
+    # (see `sessions_app.writer.Forwarder`).
+    event_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +274,17 @@ def _append_locked(
                 client_ref__in=refs,
             ).only("id", "seq", "message_id", "client_ref")
         }
+    ids = [item.event_id for item in events if item.event_id]
+    if ids:
+        # Committed already by the worker this publish was first handed to: its original result.
+        stored = {
+            e.id: e
+            for e in Event.objects.filter(session_id=session_id, id__in=ids).only(
+                "id", "seq", "message_id"
+            )
+        }
+        if stored:
+            return [_stored_result(stored, item) for item in events]
     fresh = [item for item in events if not (item.client_ref and item.client_ref in existing)]
     if not fresh:
         if not Session.objects.filter(pk=session_id).exists():
@@ -296,7 +311,7 @@ def _append_locked(
         if item.type == et.MESSAGE_CREATE and not message_id:
             message_id = new_message_id()
         row = Event(
-            id=new_event_id(),
+            id=item.event_id or new_event_id(),
             session_id=session_id,
             seq=first_seq + offset,
             type=item.type,
@@ -348,6 +363,15 @@ def _append_locked(
 
 def _duplicate_result(event: Event) -> AppendResult:
     return AppendResult(event.seq, event.id, event.message_id, duplicate=True)
+
+
+def _stored_result(stored: dict[str, Event], item: EventInput) -> AppendResult:
+    """The result a pre-identified event got when it was committed (a request commits whole,
+    so when one of its events is stored, all are)."""
+    event = stored.get(item.event_id or "")
+    if event is None:
+        raise IntegrityError("a request was stored in part")  # cannot happen: one transaction
+    return AppendResult(event.seq, event.id, event.message_id, duplicate=False)
 
 
 def open_sqlite_side_connection() -> sqlite3.Connection | None:
@@ -949,7 +973,7 @@ def _write_fast(
             request_results = results[i] = []
             for item in requests[i].events:
                 seq += 1
-                event_id = new_event_id()
+                event_id = item.event_id or new_event_id()
                 visibility = _visibility_for(item.type)
                 message_id = item.message_id
                 if item.type in _FAST_MESSAGE_TYPES:
@@ -1330,13 +1354,14 @@ def set_presence_lease(
         return lease
 
 
-def heartbeat_worker(*, worker_id: str) -> None:
+def heartbeat_worker(*, worker_id: str, channel: str = "") -> None:
     now = timezone.now()
     Worker.objects.update_or_create(
         pk=worker_id,
-        defaults={"heartbeat_at": now},
+        defaults={"heartbeat_at": now, "channel": channel},
         create_defaults={
             "heartbeat_at": now,
+            "channel": channel,
             "hostname": socket.gethostname()[:200],
             "pid": os.getpid(),
         },

@@ -12,6 +12,12 @@ On the embedded SQLite default, what the fast lane takes of a batch commits on t
 itself, on a connection of the writer's own (`LoopLane`): no thread hop and no GIL ping-pong with
 the loop. The rest of each session's requests (a `message.update`, a status change, …), and a
 batch the lane cannot take at all, go to `append_many` in Django's database thread afterwards.
+
+With several workers (a remote channel layer), group commit spans them: every worker but the
+committing one hands its publishes to that worker (`Forwarder`), whose batches then hold
+everyone's. Each handed-over event carries an id chosen before it left, so a publish the
+committing worker does not answer in time is committed here instead and can never be stored
+twice.
 """
 
 from __future__ import annotations
@@ -23,15 +29,18 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db.backends.sqlite3.base import SQLiteCursorWrapper
 
+from sessions_app.errors import BatonError
+from sessions_app.hub import ANSWER_MESSAGE, FORWARD_MESSAGE, LAYER_CALL_TIMEOUT
 from sessions_app.identity import Author
+from sessions_app.ids import new_event_id
 from sessions_app.services import (
     AppendRequest,
     AppendResult,
@@ -45,6 +54,7 @@ from sessions_app.services import (
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str, list[dict[str, Any]]], None]
+Send = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 MAX_REQUESTS_PER_BATCH = 500
 
@@ -99,6 +109,8 @@ class _Pending:
     request: AppendRequest
     future: asyncio.Future[list[AppendResult]] = field(repr=False)
     queued_at: float = 0.0
+    # The channel of the worker that handed this publish here to commit; None: our own.
+    served_for: str | None = None
 
 
 class LoopLane:
@@ -203,10 +215,241 @@ def _resolve(
         future.set_result(outcome)
 
 
+class Forwarder:
+    """Group commit across workers: hands this worker's publishes to the committing worker and
+    serves the publishes other workers hand to this one.
+
+    Why: group commit is per process, so N workers at R publishes/s each make N times the
+    commits of one worker at N x R; with two workers streaming 500 tokens/s between them, each
+    committed ~11 tokens per commit (the target is 20) while waiting the same window.
+
+    The committing worker is the hub's choice (`get_committing_worker`, the oldest live worker),
+    set here as `target`. Handed-over publishes keep their order (one ordered sender, and the
+    committing worker queues them in arrival order); our own publishes never overtake ones in
+    flight, nor go to another target while some are in flight. Each handed-over event carries
+    an event id chosen here, so when no answer comes within BATON_FORWARD_TIMEOUT_SECONDS
+    (the worker died, stalled, or the layer lost the message), every publish in flight is
+    *reclaimed*: committed here, in order, where the primary key finds one the other worker
+    committed after all (its original result is returned, nothing is stored twice). The target
+    is then avoided for a worker timeout, and this worker commits its own meanwhile.
+    """
+
+    SEND_EVERY = 0.005  # at most one hand-over message per this many seconds
+    RATE_INTERVAL = 1.0  # how often our own publish rate is re-read
+    SLOW_ANSWER_WINDOWS = 4  # an answer later than this many windows: the committer is loaded
+    AVOID_SECONDS = 2.0  # how long a loaded committer is left alone
+
+    def __init__(self, writer: EventWriter, *, send: Send, origin: str) -> None:
+        self.writer = writer
+        self.loop = writer.loop
+        self.send = send
+        self.origin = origin
+        self.reply_to: str | None = None  # this worker's channel, once the layer gave it
+        self.target: str | None = None  # the committing worker's channel; None: commit here
+        self.avoid_until = 0.0
+        self.inflight: dict[int, tuple[float, _Pending]] = {}
+        self.inflight_target: str | None = None
+        self.drained = asyncio.Event()
+        self.drained.set()
+        self.next_id = 0
+        self.sent_at = 0.0
+        # Our own publishes counted since `counted_at`; `busy`: enough of them to fill batches
+        # here on their own, so handing them over would save no commit.
+        self.own = 0
+        self.counted_at = self.loop.time()
+        self.busy = False
+        self.watchdog: asyncio.Task[None] | None = None
+        self.answers: dict[str, list[list[Any]]] = {}
+        self.answer_tasks: set[asyncio.Task[None]] = set()
+        self.stats = {"forwarded": 0, "answered": 0, "reclaimed": 0, "served": 0}
+
+    def route(self) -> str | None:
+        """Where our own publishes go now: the committing worker's channel, or None to commit
+        them here (we are it, none is known, it failed us lately, or publishes are still in
+        flight to a previous one)."""
+        target = self.target
+        now = self.loop.time()
+        if now - self.counted_at >= self.RATE_INTERVAL:
+            self._reread_rate(now)
+        if target is None or self.reply_to is None or self.busy or now < self.avoid_until:
+            return None
+        if self.inflight and self.inflight_target != target:
+            return None
+        return target
+
+    def _reread_rate(self, now: float) -> None:
+        """Hand over only publishes that would commit in small batches here: at or above a
+        base batch per window of our own we commit them ourselves (no commit to save, and the
+        committing worker's one database thread would become everyone's bottleneck); below
+        three quarters of that we hand them over again."""
+        window = settings.BATON_GROUP_COMMIT_WINDOW
+        rate = self.own / (now - self.counted_at)
+        self.own, self.counted_at = 0, now
+        if window <= 0:  # no lingering, no group commit to share
+            self.busy = True
+            return
+        fills = settings.BATON_GROUP_COMMIT_BATCH / window
+        if rate >= fills:
+            self.busy = True
+        elif rate < 0.75 * fills:
+            self.busy = False
+
+    async def forward(self, target: str, pendings: list[_Pending]) -> None:
+        """Hand these publishes (in order) to `target` in one layer message."""
+        batch: list[list[Any]] = []
+        sent_at = self.loop.time()
+        for pending in pendings:
+            request = pending.request
+            if any(item.event_id is None for item in request.events):
+                events = [
+                    replace(item, event_id=item.event_id or new_event_id())
+                    for item in request.events
+                ]
+                request = pending.request = replace(request, events=events)
+            rid = self.next_id
+            self.next_id += 1
+            self.inflight[rid] = (sent_at, pending)
+            author = request.author
+            batch.append(
+                [
+                    rid,
+                    request.session_id,
+                    [author.kind, author.id, author.name],
+                    [
+                        [item.type, item.data, item.message_id, item.client_ref, item.event_id]
+                        for item in request.events
+                    ],
+                ]
+            )
+        self.inflight_target = target
+        self.drained.clear()
+        self.stats["forwarded"] += len(batch)
+        message = {"type": FORWARD_MESSAGE, "o": self.origin, "r": self.reply_to, "q": batch}
+        try:
+            await asyncio.wait_for(self.send(target, message), LAYER_CALL_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("could not hand publishes to the committing worker", exc_info=True)
+            self.reclaim()
+            return
+        if self.watchdog is None or self.watchdog.done():
+            self.watchdog = self.loop.create_task(self._watch(), context=contextvars.Context())
+
+    def on_answers(self, message: dict[str, Any]) -> None:
+        """The committing worker's answers: resolve what is still ours to resolve (a reclaimed
+        publish's late answer is dropped; its local commit answers it)."""
+        now = self.loop.time()
+        slow = now - self.SLOW_ANSWER_WINDOWS * settings.BATON_GROUP_COMMIT_WINDOW
+        for rid, results, code, text, status in message.get("a") or []:
+            entry = self.inflight.pop(rid, None)
+            if entry is None:
+                continue
+            self.stats["answered"] += 1
+            if entry[0] < slow:  # the committing worker lags: commit our own for a while
+                self.avoid_until = max(self.avoid_until, now + self.AVOID_SECONDS)
+            future = entry[1].future
+            if code is not None:
+                _resolve(future, BatonError(code, text, status))
+            else:
+                _resolve(future, [AppendResult(*result) for result in results])
+        if not self.inflight:
+            self.drained.set()
+
+    def reclaim(self) -> None:
+        """Take back every publish in flight, to commit here ahead of anything newer."""
+        if not self.inflight:
+            return
+        pendings = [pending for _, pending in self.inflight.values()]
+        self.inflight.clear()
+        self.drained.set()
+        self.avoid_until = self.loop.time() + settings.BATON_WORKER_TIMEOUT_SECONDS
+        self.stats["reclaimed"] += len(pendings)
+        self.writer.queue.extendleft(reversed(pendings))
+        self.writer.wake.set()
+
+    async def _watch(self) -> None:
+        timeout = settings.BATON_FORWARD_TIMEOUT_SECONDS
+        while self.inflight:
+            oldest = next(iter(self.inflight.values()))[0]
+            delay = oldest + timeout - self.loop.time()
+            if delay <= 0:
+                log.warning(
+                    "the committing worker did not answer %d publishes in %.1f s; "
+                    "committing them here",
+                    len(self.inflight),
+                    timeout,
+                )
+                self.reclaim()
+                return
+            await asyncio.sleep(delay)
+
+    def serve(self, message: dict[str, Any]) -> None:
+        """Queue publishes another worker handed here, to commit with our own."""
+        reply_to = message.get("r")
+        if not isinstance(reply_to, str):
+            return
+        for rid, session_id, (kind, author_id, name), items in message.get("q") or []:
+            events = [
+                EventInput(type=t, data=d, message_id=m, client_ref=c, event_id=e)
+                for t, d, m, c, e in items
+            ]
+            request = AppendRequest(
+                session_id=session_id, author=Author(kind, author_id, name), events=events
+            )
+            future = self.writer.enqueue(request, served_for=reply_to)
+            future.add_done_callback(lambda done, rid=rid: self._answer(reply_to, rid, done))
+            self.stats["served"] += 1
+
+    def _answer(self, reply_to: str, rid: int, future: asyncio.Future[list[AppendResult]]) -> None:
+        if future.cancelled():  # shutting down mid-batch: the sender reclaims it
+            return
+        exc = future.exception()
+        if isinstance(exc, BatonError):
+            answer = [rid, None, exc.code, exc.message, exc.status]
+        elif exc is not None:  # the transaction failed as a whole: nothing of it is stored
+            answer = [rid, None, "unavailable", "The database did not take the publish.", 503]
+        else:
+            results = [[r.seq, r.id, r.message_id, r.duplicate] for r in future.result()]
+            answer = [rid, results, None, None, None]
+        queued = self.answers.setdefault(reply_to, [])
+        queued.append(answer)
+        if len(queued) == 1:  # the first answer for this worker since the last send
+            task = self.loop.create_task(
+                self._send_answers(reply_to), context=contextvars.Context()
+            )
+            self.answer_tasks.add(task)
+            task.add_done_callback(self.answer_tasks.discard)
+
+    async def _send_answers(self, reply_to: str) -> None:
+        answers = self.answers.pop(reply_to, [])
+        if not answers:
+            return
+        try:
+            await asyncio.wait_for(
+                self.send(reply_to, {"type": ANSWER_MESSAGE, "o": self.origin, "a": answers}),
+                LAYER_CALL_TIMEOUT,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the other worker reclaims them when its wait runs out
+            log.warning("could not answer handed-over publishes", exc_info=True)
+
+    async def close(self) -> None:
+        for task in [self.watchdog, *self.answer_tasks]:
+            if task is not None:
+                task.cancel()
+        for _, pending in self.inflight.values():
+            pending.future.cancel()
+        self.inflight.clear()
+        self.drained.set()
+
+
 class EventWriter:
     def __init__(self, loop: asyncio.AbstractEventLoop, publish: Publish) -> None:
         self.loop = loop
         self.publish = publish
+        self.forwarder: Forwarder | None = None  # set by the hub when there are other workers
         self.lane: LoopLane | None = None
         self.lane_checked = False
         self.queue: deque[_Pending] = deque()
@@ -223,14 +466,15 @@ class EventWriter:
     ) -> asyncio.Future[list[AppendResult]]:
         """Queue an append now (so a connection's publishes keep their order) and return the
         future of its results, resolved once its batch has committed."""
+        return self.enqueue(AppendRequest(session_id=session_id, author=author, events=events))
+
+    def enqueue(
+        self, request: AppendRequest, *, served_for: str | None = None
+    ) -> asyncio.Future[list[AppendResult]]:
         future: asyncio.Future[list[AppendResult]] = self.loop.create_future()
-        self.queue.append(
-            _Pending(
-                AppendRequest(session_id=session_id, author=author, events=events),
-                future,
-                self.loop.time(),
-            )
-        )
+        if served_for is None and self.forwarder is not None:
+            self.forwarder.own += 1
+        self.queue.append(_Pending(request, future, self.loop.time(), served_for))
         self.wake.set()
         filled = self.filled
         if filled is not None and not filled.done() and len(self.queue) >= self.batch_size:
@@ -250,6 +494,17 @@ class EventWriter:
             self.wake.clear()
             if not self.queue:
                 continue
+            forwarder = self.forwarder
+            if forwarder is not None:
+                target = forwarder.route()
+                if target is not None:
+                    await self._hand_over(forwarder, target)
+                    if not self.queue:
+                        continue
+                elif forwarder.inflight and any(p.served_for is None for p in self.queue):
+                    # Our own must not overtake those in flight: wait for their answers (or
+                    # for them to be reclaimed, to the front of the queue).
+                    await forwarder.drained.wait()
             if self.last_batch_size > 1:
                 self.batch_size = self.sizer.current(
                     base=settings.BATON_GROUP_COMMIT_BATCH,
@@ -257,10 +512,19 @@ class EventWriter:
                 )
                 await self._linger()
             batch: list[_Pending] = []
+            # Our own publishes that arrived while others were being handed over wait for the
+            # next hand-over (or for those in flight to be answered or reclaimed).
+            hold_own = forwarder is not None and bool(forwarder.inflight)
+            held: list[_Pending] = []
             while self.queue and len(batch) < MAX_REQUESTS_PER_BATCH:
                 pending = self.queue.popleft()
-                if not pending.future.cancelled():
+                if pending.future.cancelled():
+                    continue
+                if hold_own and pending.served_for is None:
+                    held.append(pending)
+                else:
                     batch.append(pending)
+            self.queue.extendleft(reversed(held))
             if self.queue:
                 self.wake.set()
             if not batch:
@@ -291,6 +555,17 @@ class EventWriter:
             for pending, outcome in zip(batch, outcomes, strict=True):
                 _resolve(pending.future, outcome)
 
+    async def _hand_over(self, forwarder: Forwarder, target: str) -> None:
+        """Forward our own queued publishes; those served for other workers stay to commit."""
+        wait = forwarder.sent_at + Forwarder.SEND_EVERY - self.loop.time()
+        if wait > 0:  # let a few gather: each layer message costs both workers CPU
+            await asyncio.sleep(wait)
+        forwarder.sent_at = self.loop.time()
+        own = [p for p in self.queue if p.served_for is None and not p.future.cancelled()]
+        self.queue = deque(p for p in self.queue if p.served_for is not None)
+        if own:
+            await forwarder.forward(target, own)
+
     async def _linger(self) -> None:
         """Under concurrent load, hold the batch while publishes keep arriving, until it is full
         or its oldest request has waited the window: commits per token fall as load rises.
@@ -318,6 +593,8 @@ class EventWriter:
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
+        if self.forwarder is not None:
+            await self.forwarder.close()
         for pending in self.queue:
             if not pending.future.done():
                 pending.future.cancel()

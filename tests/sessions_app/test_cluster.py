@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from channels.db import database_sync_to_async
 from django.conf import settings
 
 from tests.conftest import ROOT, free_port, server_env
@@ -163,3 +164,77 @@ def test_run_cluster_supervises_its_workers(transactional_db, tmp_path):
     for port in (first, first + 1):
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/api/schema/", timeout=1)
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("DATABASE_URL", "").startswith("postgres") and settings.REDIS_URL),
+    reason="handing publishes over needs several workers on a shared layer (Postgres + Redis)",
+)
+@pytest.mark.timeout(120)
+async def test_publishes_handed_to_a_stalled_committer_are_stored_once_in_order(
+    make_cluster, agent_key
+):
+    """The younger worker hands its publishes to the oldest; while that one is stopped
+    (SIGSTOP) they are committed by the younger one after the hand-over timeout, and when it
+    resumes and commits them too, nothing is stored twice and the order holds."""
+    from sessions_app.models import Event, Worker
+
+    committer, follower = make_cluster(2, BATON_FORWARD_TIMEOUT_SECONDS="1")
+    session_id, token = await new_session(follower.base_url, agent_key)
+
+    @database_sync_to_async
+    def both_listed() -> bool:
+        return Worker.objects.exclude(channel="").count() == 2
+
+    agent_url = f"{follower.ws_url}/ws/sessions/{session_id}/?token={agent_key}&client_id=bot"
+    observer_path = f"/ws/sessions/{session_id}/?token={token}&after=0"
+    acks: list[int] = []
+    async with (
+        websockets.connect(f"{committer.ws_url}{observer_path}"),  # starts its hub
+        websockets.connect(f"{follower.ws_url}{observer_path}") as observer,
+        websockets.connect(agent_url) as agent,
+    ):
+        deadline = time.monotonic() + 15
+        while not await both_listed():
+            assert time.monotonic() < deadline, "the workers did not list their channels"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.5)  # one more heartbeat: the follower has read who commits
+
+        async def publish(first: int, count: int) -> float:
+            started = time.monotonic()
+            for i in range(first, first + count):
+                event = {"type": "progress.step", "data": {"i": i}}
+                await agent.send(json.dumps({"op": "publish", "ref": f"r{i}", "event": event}))
+            while len(acks) < first + count:
+                frame = json.loads(await asyncio.wait_for(agent.recv(), 15))
+                if frame["op"] == "ack":
+                    assert frame["ref"] == f"r{len(acks)}", frame
+                    acks.append(frame["seq"])
+                else:
+                    assert frame["op"] != "error", frame
+            return time.monotonic() - started
+
+        assert await publish(0, 10) < 1  # the committer answers
+        assert committer.process is not None
+        committer.process.send_signal(signal.SIGSTOP)
+        try:
+            # Handed over, unanswered, reclaimed after the 1 s timeout, committed here.
+            assert await publish(10, 10) >= 1
+        finally:
+            committer.process.send_signal(signal.SIGCONT)
+        assert await publish(20, 10) < 1  # committed here while the committer is avoided
+        seen: list[int] = []
+        while len(seen) < 30:
+            frame = json.loads(await asyncio.wait_for(observer.recv(), 15))
+            if frame["op"] == "events":
+                seen += [e["data"]["i"] for e in frame["events"] if e["type"] == "progress.step"]
+    assert acks == sorted(acks) and len(set(acks)) == 30
+    await asyncio.sleep(1.5)  # the resumed committer has worked through what it was handed
+
+    @database_sync_to_async
+    def stored() -> list[int]:
+        steps = Event.objects.filter(session_id=session_id, type="progress.step").order_by("seq")
+        return list(steps.values_list("data__i", flat=True))
+
+    assert await stored() == list(range(30))
+    assert seen == list(range(30))
