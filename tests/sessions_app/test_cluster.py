@@ -172,69 +172,79 @@ def test_run_cluster_supervises_its_workers(transactional_db, tmp_path):
 )
 @pytest.mark.timeout(120)
 async def test_publishes_handed_to_a_stalled_committer_are_stored_once_in_order(
-    make_cluster, agent_key
+    make_cluster, agent_key, live_server_proc
 ):
-    """The younger worker hands its publishes to the oldest; while that one is stopped
-    (SIGSTOP) they are committed by the younger one after the hand-over timeout, and when it
-    resumes and commits them too, nothing is stored twice and the order holds."""
+    """One worker hands its publishes to the elected committing worker; while that one is
+    stopped (SIGSTOP) they are committed by their own worker after the hand-over timeout, and
+    when it resumes and commits them too, nothing is stored twice and the order holds."""
     from sessions_app.models import Event, Worker
+    from sessions_app.selectors import get_committing_worker
 
-    committer, follower = make_cluster(2, BATON_FORWARD_TIMEOUT_SECONDS="1")
-    session_id, token = await new_session(follower.base_url, agent_key)
+    live_server_proc.stop()  # older than the cluster, it would be the committing worker
+    workers = make_cluster(2, BATON_FORWARD_TIMEOUT_SECONDS="1")
+    pids = {worker.process.pid: worker for worker in workers if worker.process is not None}
+    session_id, token = await new_session(workers[0].base_url, agent_key)
 
     @database_sync_to_async
-    def both_listed() -> bool:
-        return Worker.objects.exclude(channel="").count() == 2
-
-    agent_url = f"{follower.ws_url}/ws/sessions/{session_id}/?token={agent_key}&client_id=bot"
-    observer_path = f"/ws/sessions/{session_id}/?token={token}&after=0"
-    acks: list[int] = []
-    async with (
-        websockets.connect(f"{committer.ws_url}{observer_path}"),  # starts its hub
-        websockets.connect(f"{follower.ws_url}{observer_path}") as observer,
-        websockets.connect(agent_url) as agent,
-    ):
-        deadline = time.monotonic() + 15
-        while not await both_listed():
-            assert time.monotonic() < deadline, "the workers did not list their channels"
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(1.5)  # one more heartbeat: the follower has read who commits
-
-        async def publish(first: int, count: int) -> float:
-            started = time.monotonic()
-            for i in range(first, first + count):
-                event = {"type": "progress.step", "data": {"i": i}}
-                await agent.send(json.dumps({"op": "publish", "ref": f"r{i}", "event": event}))
-            while len(acks) < first + count:
-                frame = json.loads(await asyncio.wait_for(agent.recv(), 15))
-                if frame["op"] == "ack":
-                    assert frame["ref"] == f"r{len(acks)}", frame
-                    acks.append(frame["seq"])
-                else:
-                    assert frame["op"] != "error", frame
-            return time.monotonic() - started
-
-        assert await publish(0, 10) < 1  # the committer answers
-        assert committer.process is not None
-        committer.process.send_signal(signal.SIGSTOP)
-        try:
-            # Handed over, unanswered, reclaimed after the 1 s timeout, committed here.
-            assert await publish(10, 10) >= 1
-        finally:
-            committer.process.send_signal(signal.SIGCONT)
-        assert await publish(20, 10) < 1  # committed here while the committer is avoided
-        seen: list[int] = []
-        while len(seen) < 30:
-            frame = json.loads(await asyncio.wait_for(observer.recv(), 15))
-            if frame["op"] == "events":
-                seen += [e["data"]["i"] for e in frame["events"] if e["type"] == "progress.step"]
-    assert acks == sorted(acks) and len(set(acks)) == 30
-    await asyncio.sleep(1.5)  # the resumed committer has worked through what it was handed
+    def elected_pid() -> int | None:
+        elected = get_committing_worker()
+        listed = Worker.objects.exclude(channel="").filter(pid__in=pids).count()
+        return elected.pid if elected is not None and listed == 2 else None
 
     @database_sync_to_async
     def stored() -> list[int]:
         steps = Event.objects.filter(session_id=session_id, type="progress.step").order_by("seq")
         return list(steps.values_list("data__i", flat=True))
 
-    assert await stored() == list(range(30))
+    acks: list[int] = []
+    seen: list[int] = []
+    observer_path = f"/ws/sessions/{session_id}/?token={token}&after=0"
+    async with (  # an observer on each worker starts its hub (and heartbeat)
+        websockets.connect(f"{workers[0].ws_url}{observer_path}") as first_observer,
+        websockets.connect(f"{workers[1].ws_url}{observer_path}") as second_observer,
+    ):
+        deadline = time.monotonic() + 15
+        while (pid := await elected_pid()) not in pids:
+            assert time.monotonic() < deadline, "no committing worker was elected"
+            await asyncio.sleep(0.2)
+        committer = pids[pid]
+        follower, observer = (
+            (workers[1], second_observer)
+            if committer is workers[0]
+            else (workers[0], first_observer)
+        )
+        assert committer.process is not None
+        await asyncio.sleep(1.5)  # one more heartbeat: the follower has read who commits
+        agent_url = f"{follower.ws_url}/ws/sessions/{session_id}/?token={agent_key}&client_id=bot"
+        async with websockets.connect(agent_url) as agent:
+
+            async def publish(first: int, count: int) -> float:
+                started = time.monotonic()
+                for i in range(first, first + count):
+                    event = {"type": "progress.step", "data": {"i": i}}
+                    await agent.send(json.dumps({"op": "publish", "ref": f"r{i}", "event": event}))
+                while len(acks) < first + count:
+                    frame = json.loads(await asyncio.wait_for(agent.recv(), 15))
+                    if frame["op"] == "ack":
+                        assert frame["ref"] == f"r{len(acks)}", frame
+                        acks.append(frame["seq"])
+                    else:
+                        assert frame["op"] != "error", frame
+                return time.monotonic() - started
+
+            assert await publish(0, 10) < 1  # the committer answers
+            committer.process.send_signal(signal.SIGSTOP)
+            try:
+                # Handed over, unanswered, reclaimed after the 1 s timeout, committed here.
+                assert await publish(10, 10) >= 1
+            finally:
+                committer.process.send_signal(signal.SIGCONT)
+            assert await publish(20, 10) < 1  # committed here while the committer is avoided
+        while len(seen) < 30:
+            frame = json.loads(await asyncio.wait_for(observer.recv(), 15))
+            if frame["op"] == "events":
+                seen += [e["data"]["i"] for e in frame["events"] if e["type"] == "progress.step"]
+    assert acks == sorted(acks) and len(set(acks)) == 30
     assert seen == list(range(30))
+    await asyncio.sleep(1.5)  # the resumed committer has worked through what it was handed
+    assert await stored() == list(range(30))

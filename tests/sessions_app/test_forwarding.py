@@ -13,6 +13,7 @@ from typing import Any
 import msgpack
 import pytest
 from channels.db import database_sync_to_async
+from django.db import transaction
 from django.utils import timezone
 
 from sessions_app.errors import BatonError
@@ -78,25 +79,37 @@ class Pair:
     wire: Wire
     committer: EventWriter
     follower: EventWriter
-    published: dict[str, list[int]]  # the seqs each writer broadcast
+    broadcast: list[int]  # the seqs broadcast after commits, whoever committed them
+
+    def committed(self) -> dict[str, int]:
+        """Requests each writer committed in its own batches (served ones included)."""
+        return {
+            "committer": self.committer.stats["requests"],
+            "follower": self.follower.stats["requests"],
+        }
 
 
 @pytest.fixture
-async def pair(settings) -> Any:
+async def pair(settings, monkeypatch) -> Any:
     """A committing writer and one that hands its publishes to it."""
     settings.BATON_FORWARD_TIMEOUT_SECONDS = 0.3
     loop = asyncio.get_running_loop()
     wire = Wire()
-    published: dict[str, list[int]] = {"committer": [], "follower": []}
+    broadcast: list[int] = []
 
-    def recorder(name: str) -> Callable[[str, list[dict[str, Any]]], None]:
-        return lambda session_id, events: published[name].extend(e["seq"] for e in events)
+    def record(session_id: str, events: list[dict[str, Any]]) -> None:
+        broadcast.extend(e["seq"] for e in events)
 
-    committer = wire.add("committer", EventWriter(loop, publish=recorder("committer")))
-    follower = wire.add("follower", EventWriter(loop, publish=recorder("follower")))
+    # The loop lane (SQLite) broadcasts through the writer; the database thread through this.
+    monkeypatch.setattr(
+        "sessions_app.services.publish_after_commit",
+        lambda session_id, events: transaction.on_commit(lambda: record(session_id, events)),
+    )
+    committer = wire.add("committer", EventWriter(loop, publish=record))
+    follower = wire.add("follower", EventWriter(loop, publish=record))
     assert follower.forwarder is not None
     follower.forwarder.target = "committer"
-    yield Pair(wire, committer, follower, published)
+    yield Pair(wire, committer, follower, broadcast)
     for writer in (committer, follower):
         await writer.close()
 
@@ -132,14 +145,13 @@ async def test_a_follower_hands_its_publishes_to_the_committer(make_session, pai
     stored = await _stored(session.id)
     assert [(seq, i) for seq, _, i in stored] == [(n + 1, n) for n in range(30)]
     assert [r[0].id for r in results] == [event_id for _, event_id, _ in stored]
-    assert pair.follower.stats["batches"] == 0  # nothing committed by the follower itself
-    assert pair.committer.stats["requests"] == 30
+    assert pair.committed() == {"committer": 30, "follower": 0}
     assert (
         pair.follower.forwarder.stats["forwarded"]
         == pair.follower.forwarder.stats["answered"]
         == 30
     )
-    assert pair.published == {"committer": list(range(1, 31)), "follower": []}
+    assert pair.broadcast == list(range(1, 31))
 
 
 async def test_a_refusal_comes_back_as_the_same_error(make_session, pair):
@@ -158,14 +170,14 @@ async def test_an_unanswered_publish_is_committed_here_exactly_once(make_session
     results = await _publish(pair.follower, session.id, range(5))
     assert [r[0].seq for r in results] == [1, 2, 3, 4, 5]
     assert pair.follower.forwarder.stats["reclaimed"] == 5
-    assert pair.published["follower"] == [1, 2, 3, 4, 5]
+    assert pair.committed() == {"committer": 0, "follower": 5}
     pair.wire.release("committer")  # the stalled worker wakes up with the old publishes
     await _until(lambda: pair.committer.stats["requests"] == 5 and not pair.committer.queue)
     await asyncio.sleep(0.1)
     stored = await _stored(session.id)
     assert [(seq, i) for seq, _, i in stored] == [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)]
     assert [r[0].id for r in results] == [event_id for _, event_id, _ in stored]
-    assert pair.published["committer"] == []  # it committed nothing new, so it broadcast nothing
+    assert pair.broadcast == [1, 2, 3, 4, 5]  # the late commits stored and broadcast nothing
 
 
 async def test_a_lost_answer_returns_what_the_committer_stored(make_session, pair):
@@ -177,7 +189,8 @@ async def test_a_lost_answer_returns_what_the_committer_stored(make_session, pai
     assert [(r[0].seq, r[0].id) for r in results] == [(seq, eid) for seq, eid, _ in stored]
     assert not any(r[0].duplicate for r in results)
     assert pair.follower.forwarder.stats["reclaimed"] == 4
-    assert pair.published == {"committer": [1, 2, 3, 4], "follower": []}
+    assert pair.committed() == {"committer": 4, "follower": 4}  # the follower's found them
+    assert pair.broadcast == [1, 2, 3, 4]
 
 
 async def test_a_failed_send_commits_here_at_once(make_session, pair):
@@ -187,7 +200,8 @@ async def test_a_failed_send_commits_here_at_once(make_session, pair):
     results = await _publish(pair.follower, session.id, range(3))
     assert asyncio.get_running_loop().time() - started < 0.3  # no wait for the timeout
     assert [r[0].seq for r in results] == [1, 2, 3]
-    assert pair.published == {"committer": [], "follower": [1, 2, 3]}
+    assert pair.committed() == {"committer": 0, "follower": 3}
+    assert pair.broadcast == [1, 2, 3]
 
 
 async def test_after_a_reclaim_the_committer_is_avoided_for_a_while(make_session, pair, settings):
@@ -197,11 +211,12 @@ async def test_after_a_reclaim_the_committer_is_avoided_for_a_while(make_session
     assert pair.follower.forwarder.route() is None
     await _publish(pair.follower, session.id, range(2, 4))
     assert pair.follower.forwarder.stats["forwarded"] == 2  # the later two never left
-    assert pair.published["follower"] == [1, 2, 3, 4]
+    assert pair.committed() == {"committer": 0, "follower": 4}
     pair.follower.forwarder.avoid_until = 0.0
     pair.wire.lost.clear()
     await _publish(pair.follower, session.id, range(4, 6))
-    assert pair.published["committer"] == [5, 6]
+    assert pair.committed() == {"committer": 2, "follower": 4}
+    assert pair.broadcast == [1, 2, 3, 4, 5, 6]
 
 
 async def test_own_publishes_never_overtake_those_in_flight(make_session, pair):
@@ -251,7 +266,7 @@ async def test_own_publishes_made_during_a_hand_over_wait_for_the_next(make_sess
     second = pair.follower.submit(session_id=a.id, author=AGENT, events=[_step(1)])
     assert [r[0].seq for r in await asyncio.gather(first, second)] == [1, 2]
     assert [i for _, _, i in await _stored(a.id)] == [0, 1]
-    assert pair.published == {"committer": [1, 2], "follower": [1]}  # follower: b's event
+    assert pair.committed() == {"committer": 2, "follower": 1}  # the follower: b's event
 
 
 async def test_the_committer_serves_publishes_beside_its_own(make_session, pair):
@@ -308,11 +323,11 @@ async def test_a_worker_that_fills_batches_on_its_own_commits_them_itself(
 
     assert rate_was(1.05 * fills) is None  # a batch per window of its own: commit here
     await _publish(pair.follower, session.id, range(3))
-    assert pair.published == {"committer": [], "follower": [1, 2, 3]}
+    assert pair.committed() == {"committer": 0, "follower": 3}
     assert rate_was(0.8 * fills) is None  # not yet quiet enough to hand over again
     assert rate_was(0.7 * fills) == "committer"
     await _publish(pair.follower, session.id, range(3, 6))
-    assert pair.published["committer"] == [4, 5, 6]
+    assert pair.committed() == {"committer": 3, "follower": 3}
 
 
 async def test_a_slow_answer_leaves_the_committer_alone_for_a_while(make_session, pair, settings):
@@ -327,4 +342,4 @@ async def test_a_slow_answer_leaves_the_committer_alone_for_a_while(make_session
     assert [r[0].seq for r in await pending] == [1, 2]
     assert pair.follower.forwarder.route() is None
     await _publish(pair.follower, session.id, range(2, 4))
-    assert pair.published == {"committer": [1, 2], "follower": [3, 4]}
+    assert pair.committed() == {"committer": 2, "follower": 2}
