@@ -212,7 +212,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     add(
         "- **b** Baton production: Postgres (`DATABASE_URL`, a fresh `baton_bench` database) + "
         "Redis (`REDIS_URL`, db 9) channel layer, 2 uvicorn processes on 2 ports; each session's "
-        "agent and subscribers are spread over both, so fan-out crosses Redis."
+        "agent and subscribers are spread over both, so fan-out crosses Redis; a worker whose "
+        "own publish rate is low hands its publishes to the committing worker (group commit "
+        "across workers, `BATON_FORWARD_COMMITS`, on by default)."
     )
     add(
         "- **c** a plain Django Channels consumer (`bench/plainchannels/`): `group_send` per "
