@@ -396,12 +396,15 @@ class Hub:
             kind = message.get("type")
             forwarder = self.writer.forwarder
             if kind in (FORWARD_MESSAGE, ANSWER_MESSAGE):
-                if forwarder is None:  # forwarding is off here: the sender's wait runs out
+                if forwarder is None:  # not listed as a committer: nobody hands us publishes
                     continue
-                if kind == FORWARD_MESSAGE:
-                    forwarder.serve(message)
-                else:
-                    forwarder.on_answers(message)
+                try:
+                    if kind == FORWARD_MESSAGE:
+                        forwarder.serve(message)
+                    else:
+                        forwarder.on_answers(message)
+                except Exception:  # a malformed message must not stop this loop
+                    log.warning("dropped a malformed %s message", kind, exc_info=True)
                 continue
             session_id = message.get("s")
             feed = self.feeds.get(session_id)
@@ -443,8 +446,10 @@ class Hub:
             try:
                 if now >= next_heartbeat:
                     next_heartbeat = now + heartbeat_every
+                    # Only a worker that serves hand-overs lists its channel (can be elected).
+                    listed = self.channel_name if self.writer.forwarder is not None else None
                     committer = await database_sync_to_async(_heartbeat)(
-                        self.worker_id, self.channel_name or ""
+                        self.worker_id, listed or ""
                     )
                     if self.writer.forwarder is not None:
                         self.writer.forwarder.target = committer

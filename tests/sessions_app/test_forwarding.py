@@ -13,10 +13,12 @@ from typing import Any
 import msgpack
 import pytest
 from channels.db import database_sync_to_async
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from sessions_app.errors import BatonError
+from sessions_app.hub import get_hub
 from sessions_app.identity import Author
 from sessions_app.models import Event, Worker
 from sessions_app.selectors import get_committing_worker
@@ -321,11 +323,11 @@ async def test_a_worker_that_fills_batches_on_its_own_commits_them_itself(
         forwarder.own, forwarder.counted_at = int(per_second), loop.time() - 1.0
         return forwarder.route()
 
-    assert rate_was(1.05 * fills) is None  # a batch per window of its own: commit here
+    assert rate_was(0.65 * fills) is None  # most of a batch per window: commit here
     await _publish(pair.follower, session.id, range(3))
     assert pair.committed() == {"committer": 0, "follower": 3}
-    assert rate_was(0.8 * fills) is None  # not yet quiet enough to hand over again
-    assert rate_was(0.7 * fills) == "committer"
+    assert rate_was(0.5 * fills) is None  # not yet quiet enough to hand over again
+    assert rate_was(0.4 * fills) == "committer"
     await _publish(pair.follower, session.id, range(3, 6))
     assert pair.committed() == {"committer": 3, "follower": 3}
 
@@ -343,3 +345,34 @@ async def test_a_slow_answer_leaves_the_committer_alone_for_a_while(make_session
     assert pair.follower.forwarder.route() is None
     await _publish(pair.follower, session.id, range(2, 4))
     assert pair.committed() == {"committer": 2, "follower": 2}
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="the hub serves hand-overs on a remote layer")
+@pytest.mark.usefixtures("hub_cleanup")
+async def test_the_hub_serves_hand_overs_and_survives_malformed_ones(make_session):
+    """Through Redis: a malformed hand-over is dropped without stopping the hub's receive loop,
+    and the next one is committed and answered."""
+    session = await database_sync_to_async(make_session)()
+    hub = get_hub()
+    await hub.ensure_started()
+    assert hub.channel_name is not None and hub.writer.forwarder is not None
+    layer = hub.layer
+    reply_to = await layer.new_channel("test.reply.")
+    await layer.send(hub.channel_name, {"type": "baton.commit", "o": "other", "r": reply_to})
+    await layer.send(
+        hub.channel_name, {"type": "baton.commit", "o": "other", "r": reply_to, "q": [["bad"]]}
+    )
+    item = ["progress.step", {"i": 1}, None, None, "evt_handed1"]
+    await layer.send(
+        hub.channel_name,
+        {
+            "type": "baton.commit",
+            "o": "other",
+            "r": reply_to,
+            "q": [[7, session.id, ["agent", "other", "Other"], [item]]],
+        },
+    )
+    answer = await asyncio.wait_for(layer.receive(reply_to), 5)
+    assert answer["type"] == "baton.committed"
+    assert answer["a"] == [[7, [[1, "evt_handed1", None, False]], None, None, None]]
+    assert (await _stored(session.id)) == [(1, "evt_handed1", 1)]
