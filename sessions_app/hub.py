@@ -506,6 +506,8 @@ def _heartbeat(worker_id: str, channel: str) -> str | None:
     from sessions_app.services import heartbeat_worker
 
     heartbeat_worker(worker_id=worker_id, channel=channel)
+    if not channel:  # not serving hand-overs (one process, forwarding off, layer down)
+        return None
     committer = get_committing_worker()
     if committer is None or committer.id == worker_id:
         return None
