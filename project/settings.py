@@ -182,9 +182,10 @@ BATON_MAX_BUFFERED_EVENTS = env_int("BATON_MAX_BUFFERED_EVENTS", 20000)
 BATON_GROUP_COMMIT_WINDOW = float(os.environ.get("BATON_GROUP_COMMIT_WINDOW", "0.04"))
 BATON_GROUP_COMMIT_BATCH = env_int("BATON_GROUP_COMMIT_BATCH", 24)
 BATON_GROUP_COMMIT_BATCH_MAX = env_int("BATON_GROUP_COMMIT_BATCH_MAX", 384)
-# Several workers (a remote channel layer): the other workers hand their streaming publishes to
-# the oldest live worker, which commits everyone's in one batch (sessions_app.writer.Forwarder);
-# one it does not answer within FORWARD_TIMEOUT seconds is committed locally instead.
+# Several workers (a remote channel layer): a worker whose own streaming publishes are few
+# (under ~0.45 of BATCH per WINDOW) hands them to the oldest live worker, which commits them in
+# its own batches (sessions_app.writer.Forwarder); one it does not answer within
+# FORWARD_TIMEOUT seconds is committed by its own worker instead, never twice.
 BATON_FORWARD_COMMITS = env_bool("BATON_FORWARD_COMMITS", True)
 BATON_FORWARD_TIMEOUT_SECONDS = float(os.environ.get("BATON_FORWARD_TIMEOUT_SECONDS", "2"))
 # Embedded SQLite: commit streaming batches on the event loop (sessions_app.writer.LoopLane).
