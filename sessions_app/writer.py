@@ -261,6 +261,7 @@ class Forwarder:
         self.busy = False
         self.watchdog: asyncio.Task[None] | None = None
         self.answers: dict[str, list[list[Any]]] = {}
+        self.served_workers: set[str] = set()  # told at shutdown to take their publishes back
         self.answer_tasks: set[asyncio.Task[None]] = set()
         self.stats = {"forwarded": 0, "answered": 0, "reclaimed": 0, "served": 0}
 
@@ -358,6 +359,10 @@ class Forwarder:
                 _resolve(future, [AppendResult(*result) for result in results])
         if not self.inflight:
             self.drained.set()
+        if message.get("gone") and self.inflight_target is not None:
+            # The committing worker is shutting down: take back at once what it may not commit
+            # (committing it twice is harmless, waiting out the timeout is not).
+            self.reclaim()
 
     def reclaim(self) -> None:
         """Take back every publish in flight, to commit here ahead of anything newer."""
@@ -392,6 +397,7 @@ class Forwarder:
         reply_to = message.get("r")
         if not isinstance(reply_to, str):
             return
+        self.served_workers.add(reply_to)
         for rid, session_id, (kind, author_id, name), items in message.get("q") or []:
             events = [
                 EventInput(type=t, data=d, message_id=m, client_ref=c, event_id=e)
@@ -439,9 +445,18 @@ class Forwarder:
             log.warning("could not answer handed-over publishes", exc_info=True)
 
     async def close(self) -> None:
+        """Stop; tell the workers we served to take back what they handed us, so a rolling
+        restart of the committing worker costs them no timeout."""
         for task in [self.watchdog, *self.answer_tasks]:
             if task is not None:
                 task.cancel()
+        gone = {"type": ANSWER_MESSAGE, "o": self.origin, "a": [], "gone": True}
+        for channel in self.served_workers:
+            try:
+                await asyncio.wait_for(self.send(channel, gone), 1.0)
+            except Exception:  # they reclaim after their timeout instead
+                log.warning("could not tell a worker that this one stops", exc_info=True)
+        self.served_workers.clear()
         for _, pending in self.inflight.values():
             pending.future.cancel()
         self.inflight.clear()

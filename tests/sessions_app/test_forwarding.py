@@ -206,6 +206,22 @@ async def test_a_failed_send_commits_here_at_once(make_session, pair):
     assert pair.broadcast == [1, 2, 3]
 
 
+async def test_a_committer_shutting_down_hands_publishes_back_at_once(make_session, pair, settings):
+    """A rolling restart stops the committing worker with publishes queued there: it tells
+    their worker, which commits them without waiting for the hand-over timeout."""
+    session = await database_sync_to_async(make_session)()
+    settings.BATON_FORWARD_TIMEOUT_SECONDS = 30
+    pair.wire.held["committer"] = []
+    pending = asyncio.ensure_future(_publish(pair.follower, session.id, range(3)))
+    await _until(lambda: len(pair.wire.held["committer"]) == 1)
+    pair.wire.release("committer")  # queued there, not yet committed ...
+    await pair.committer.close()  # ... when it stops
+    results = await asyncio.wait_for(pending, 5)
+    assert [r[0].seq for r in results] == [1, 2, 3]
+    assert pair.committed() == {"committer": 0, "follower": 3}
+    assert pair.follower.forwarder.stats["reclaimed"] == 3
+
+
 async def test_after_a_reclaim_the_committer_is_avoided_for_a_while(make_session, pair, settings):
     session = await database_sync_to_async(make_session)()
     pair.wire.lost.add("committer")
