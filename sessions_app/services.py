@@ -284,7 +284,7 @@ def _append_locked(
             )
         }
         if stored:
-            return [_stored_result(stored, item) for item in events]
+            return [_stored_result(stored, existing, item) for item in events]
     fresh = [item for item in events if not (item.client_ref and item.client_ref in existing)]
     if not fresh:
         if not Session.objects.filter(pk=session_id).exists():
@@ -365,13 +365,18 @@ def _duplicate_result(event: Event) -> AppendResult:
     return AppendResult(event.seq, event.id, event.message_id, duplicate=True)
 
 
-def _stored_result(stored: dict[str, Event], item: EventInput) -> AppendResult:
-    """The result a pre-identified event got when it was committed (a request commits whole,
-    so when one of its events is stored, all are)."""
+def _stored_result(
+    stored: dict[str, Event], existing: dict[str, Event], item: EventInput
+) -> AppendResult:
+    """The result a pre-identified event got when its request was committed: its own row, or,
+    for one that was a `client_ref` duplicate then, the original it was answered with (a
+    request commits whole, so nothing else can be missing)."""
     event = stored.get(item.event_id or "")
-    if event is None:
-        raise IntegrityError("a request was stored in part")  # cannot happen: one transaction
-    return AppendResult(event.seq, event.id, event.message_id, duplicate=False)
+    if event is not None:
+        return AppendResult(event.seq, event.id, event.message_id, duplicate=False)
+    if item.client_ref and item.client_ref in existing:
+        return _duplicate_result(existing[item.client_ref])
+    raise IntegrityError("a request was stored in part")  # cannot happen: one transaction
 
 
 def open_sqlite_side_connection() -> sqlite3.Connection | None:

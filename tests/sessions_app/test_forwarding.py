@@ -311,6 +311,29 @@ def test_pre_identified_events_are_stored_once(make_session):
     assert Event.objects.filter(session=session).count() == 3
 
 
+def test_a_pre_identified_request_with_a_repeated_client_ref_is_answered_the_same(make_session):
+    """A reclaimed request one of whose events was a client_ref duplicate when it was first
+    committed: the same answer again, the duplicate pointing at the original."""
+    session = make_session()
+    first = append_events(
+        session_id=session.id,
+        author=AGENT,
+        events=[EventInput(type="progress.step", data={"i": 0}, client_ref="ref-0")],
+    )
+    events = [
+        EventInput(type="progress.step", data={"i": 0}, client_ref="ref-0", event_id="evt_dup"),
+        EventInput(type="progress.step", data={"i": 1}, event_id="evt_new"),
+    ]
+    handed = append_events(session_id=session.id, author=AGENT, events=events)
+    again = append_events(session_id=session.id, author=AGENT, events=events)
+    assert again == handed
+    assert [(r.seq, r.id, r.duplicate) for r in handed] == [
+        (1, first[0].id, True),
+        (2, "evt_new", False),
+    ]
+    assert Event.objects.filter(session=session).count() == 2
+
+
 def test_the_committing_worker_is_the_oldest_live_one_with_a_channel(db):
     now = timezone.now()
     heartbeat_worker(worker_id="wrk_old", channel="chan.old")
