@@ -285,10 +285,14 @@ async function submit(kind) {
     ? { type: "note.internal", data: { text } }
     : { type: "message.create", data: { role: "operator", content: text, status: "complete" } };
   event.client_ref = `console-${Date.now()}-${Math.random().toString(36).slice(2, 8)}`;
-  const answer = await publish(event);
-  if (answer.op === "error") return showError(answer);
+  // Cleared now, not on the ack: what the operator types meanwhile must not be wiped by it.
   box.value = "";
   if (typingSentAt) sendTyping(false);
+  const answer = await publish(event);
+  if (answer.op === "error") {
+    if (!box.value.trim()) box.value = text; // back in the box, to fix or send again
+    showError(answer);
+  }
 }
 $("composer").addEventListener("submit", (event) => { event.preventDefault(); submit("message"); });
 $("composer-text").addEventListener("keydown", (event) => {

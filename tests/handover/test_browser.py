@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from django.conf import settings
 from playwright.sync_api import expect, sync_playwright
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -243,6 +244,14 @@ def test_operator_takes_over_a_live_session_in_chromium(server, agent_key, opera
         expect(history.locator(".note .note-text")).to_have_text(
             "Customer is a VIP; refund approved by finance."
         )
+
+        # A refused reply says why and is given back to the operator, not lost.
+        oversized = "x" * (settings.BATON_MAX_EVENT_BYTES + 1)
+        page.fill("#composer-text", oversized)
+        page.click("#send")
+        expect(page.locator("#action-error")).to_contain_text("too_large")
+        expect(page.locator("#composer-text")).to_have_value(oversized)
+        page.fill("#composer-text", "")
 
         # A hostile user message is shown as text, never as markup.
         user.publish("message.create", {"role": "user", "content": HOSTILE, "status": "complete"})
