@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -122,6 +123,17 @@ def test_single_appends_get_consecutive_seqs_from_one(session):
     assert all(r.id.startswith("evt_") for r in results)
     assert seqs(session.id) == [1, 2, 3]
     assert head(session.id) == 3
+
+
+@pytest.mark.django_db
+def test_event_ids_of_later_appends_sort_after_earlier_ones(session):
+    """Time-ordered ids keep each commit's inserts at the end of the primary-key index."""
+    ids = []
+    for i in range(3):
+        ids.append(append(session.id, AGENT, ev("progress.step", {"i": i}))[0].id)
+        time.sleep(0.002)
+    assert ids == sorted(ids)
+    assert len(ids[0]) == len("evt_") + 13 + 12
 
 
 @pytest.mark.django_db
