@@ -225,6 +225,38 @@ def test_batches_grow_while_the_process_is_near_a_core_and_shrink_back():
     assert sizes == [192, 96, 48, 24, 24]  # halves back, never below the base
 
 
+def test_under_steady_load_the_size_comes_back_down_from_a_busy_spike():
+    """Between the thresholds the sizer tries half the size after `probe_after` calm intervals,
+    so one spike cannot hold every later batch to the whole window."""
+    meter = _Meter()
+    sizer = _sizer(meter)
+    for _ in range(2):
+        meter.run(0.5, busy=1.0)
+        sizer.current(base=24, ceiling=384)
+    assert sizer.current(base=24, ceiling=384) == 96
+    sizes = []
+    for _ in range(10):
+        meter.run(0.5, busy=0.8)
+        sizes.append(sizer.current(base=24, ceiling=384))
+    assert sizes == [96, 96, 96, 48, 48, 48, 48, 24, 24, 24]
+
+
+def test_a_size_that_proves_too_small_is_tried_again_only_later():
+    meter = _Meter()
+    sizer = _sizer(meter)
+    meter.run(0.5, busy=1.0)
+    assert sizer.current(base=24, ceiling=384) == 48
+    sizes = []
+    # 48 holds the load at 0.8 of a core; 24 would saturate the process.
+    for _ in range(20):
+        size = sizer.current(base=24, ceiling=384)
+        meter.run(0.5, busy=0.8 if size >= 48 else 1.0)
+        sizes.append(size)
+    tries = [i for i, size in enumerate(sizes) if size == 24]
+    assert tries == [4, 13]  # after 4 calm intervals, then after 8: the wait doubled
+    assert sizes[5] == 48 and sizes[14] == 48  # each failed try doubles straight back
+
+
 def test_after_a_quiet_spell_the_size_is_back_at_the_base():
     meter = _Meter()
     sizer = _sizer(meter)
