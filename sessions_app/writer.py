@@ -74,9 +74,10 @@ class BatchSizer:
 
     Between the two it does not simply hold: one busy spike under steady load would ratchet the
     size up for good, and every batch would wait the whole window (S=64 for 16 s, embedded:
-    p99 97 ms at 0.79 core, 1.78 events per frame; probing: 43 ms at 0.88 core). After `probe_after` calm intervals it tries half the size; if that is too small
-    (the next interval is busy again) it doubles back and waits twice as long before the next
-    try (up to `max_probe_after`), so a load that needs big batches is rarely disturbed.
+    p99 97 ms at 0.79 core, 1.78 events per frame; probing: 43 ms at 0.88 core). After
+    `probe_after` calm intervals it tries half the size; if that is too small (the next
+    interval is busy again) it doubles back and waits twice as long before the next try (up to
+    `max_probe_after`), so a load that needs big batches is rarely disturbed.
     """
 
     def __init__(
