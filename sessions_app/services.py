@@ -1123,7 +1123,29 @@ def _write_fast(
         )
     # After the INSERTs (a run may create a message and stream into it) and before the
     # completions (the run view above puts every append of a message before its completion).
-    if appends:
+    if appends and connection.vendor == "postgresql":
+        # One statement for every message of the run (`executemany` ran one per message).
+        keys = list(appends)
+        cursor.execute(
+            f"UPDATE {message_table} AS m SET content = m.content || w.delta, "
+            "version = m.version + w.n, last_seq = w.last_seq, updated_at = %s "
+            "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+            "%s::int[], %s::bigint[]) AS w(session_id, message_id, author_kind, author_id, "
+            "delta, n, last_seq) WHERE m.session_id = w.session_id AND m.message_id = "
+            "w.message_id AND m.author_kind = w.author_kind AND m.author_id = w.author_id "
+            "AND m.status = %s",
+            [
+                db_now,
+                *([key[column] for key in keys] for column in range(4)),
+                ["".join(appends[key]) for key in keys],
+                [len(appends[key]) for key in keys],
+                [last_seq[key] for key in keys],
+                et.MESSAGE_STREAMING,
+            ],
+        )
+        if cursor.rowcount != len(appends):
+            raise FastLaneMiss("message")
+    elif appends:
         cursor.executemany(
             f"UPDATE {message_table} SET content = content || %s, "
             "version = version + %s, last_seq = %s, updated_at = %s WHERE session_id = %s "
