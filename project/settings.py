@@ -179,8 +179,8 @@ BATON_MAX_BUFFERED_EVENTS = env_int("BATON_MAX_BUFFERED_EVENTS", 20000)
 # Group commit under concurrent load: a batch waits until it holds BATCH publishes or its oldest
 # has waited WINDOW seconds (the most latency it adds); a lone stream never waits. While the
 # process nears one core of CPU, BATCH grows up to BATCH_MAX (sessions_app.writer.BatchSizer).
-BATON_GROUP_COMMIT_WINDOW = float(os.environ.get("BATON_GROUP_COMMIT_WINDOW", "0.04"))
-BATON_GROUP_COMMIT_BATCH = env_int("BATON_GROUP_COMMIT_BATCH", 24)
+BATON_GROUP_COMMIT_WINDOW = float(os.environ.get("BATON_GROUP_COMMIT_WINDOW", "0.045"))
+BATON_GROUP_COMMIT_BATCH = env_int("BATON_GROUP_COMMIT_BATCH", 22)
 BATON_GROUP_COMMIT_BATCH_MAX = env_int("BATON_GROUP_COMMIT_BATCH_MAX", 384)
 # Several workers (a remote channel layer): a worker whose own streaming publishes are few
 # (under ~0.45 of BATCH per WINDOW) hands them to the oldest live worker, which commits them in
