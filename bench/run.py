@@ -58,7 +58,7 @@ class Plan:
 FULL = Plan(
     contenders=["a-uvicorn", "a-daphne", "b", "c", "d", "a-keepconn"],
     k=10,
-    steps=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128],
+    steps=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192],
     warmup_s=1.5,
     window_s=4.0,
     half_window_s=8.0,
