@@ -5,6 +5,8 @@ import contextlib
 import json
 import logging
 import time
+import types
+from collections.abc import Awaitable, Coroutine, Generator
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -269,17 +271,44 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
     # ------------------------------------------------------------------ frames out
 
     def live_ready(self) -> None:
-        """The subscription has something pending: start a sender unless one is running.
+        """The subscription has something pending: send it now, or start a sender task.
 
-        Senders exist only while there is something to send, so an idle socket holds no task.
+        The usual case, live events that follow the position with nothing else pending, is sent
+        right here, inside the feed's fan-out: the server's send almost always completes without
+        waiting, and a task per subscriber per batch was a large share of the loop's work. A
+        send that does wait (back-pressure), or anything else pending, goes to a sender task;
+        one exists only while there is something to send, so an idle socket holds no task.
         """
-        if self.live and self.sender is None and not self.torn_down:
-            self.sender = asyncio.get_running_loop().create_task(self.send_live())
+        if not self.live or self.sender is not None or self.torn_down:
+            return
+        assert self.subscription is not None
+        started: Awaitable[None] | None = None
+        events = self.subscription.take_ready()
+        if events is not None:
+            if not events:
+                return
+            send = self.base_send({"type": "websocket.send", "text": events_frame(events)})
+            if not isinstance(send, Coroutine):  # an awaitable of another kind: await it there
+                started = send
+            else:
+                try:
+                    waiting_on = send.send(None)
+                except StopIteration:
+                    return
+                except Exception as exc:  # the send failed at once: the sender task says how
+                    started = _raise(exc)
+                else:
+                    started = _finish(send, waiting_on)
+        self.sender = asyncio.get_running_loop().create_task(self.send_live(started))
 
-    async def send_live(self) -> None:
+    async def send_live(self, started: Awaitable[None] | None = None) -> None:
+        """Send what is pending until nothing is, after finishing `started` (a send begun by
+        `live_ready` that has to wait, or its failure)."""
         assert self.subscription is not None
         subscription = self.subscription
         try:
+            if started is not None:
+                await started
             while subscription.has_pending():
                 events, ephemeral = await subscription.take_live()
                 if events:
@@ -385,3 +414,27 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         await database_sync_to_async(record_delivery_position)(
             connection_id=self.connection_id, seq=self.received_seq
         )
+
+
+@types.coroutine
+def _finish(send: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, None]:
+    """Finish, inside the task that awaits this, a coroutine that already ran its first step
+    and is waiting on `waiting_on`: what it waits on, and what wakes or cancels it, pass
+    through unchanged."""
+    while True:
+        try:
+            value = yield waiting_on
+        except BaseException as exc:
+            try:
+                waiting_on = send.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                waiting_on = send.send(value)
+            except StopIteration:
+                return
+
+
+async def _raise(exc: Exception) -> None:
+    raise exc

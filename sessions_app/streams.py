@@ -218,6 +218,26 @@ class Subscription:
             await self.wake.wait()
         return await self.take_live()
 
+    def take_ready(self) -> list[WireEvent] | None:
+        """What `take_live` would return, taken without waiting: the visible events pending,
+        when they follow the position without a hole and nothing else is pending; otherwise
+        None, and nothing is taken (`take_live` then does the rest)."""
+        if self.overflowed or self.ephemeral:
+            return None
+        position = self.position
+        out: list[WireEvent] = []
+        for event in self.buffer:
+            if event.seq <= position:
+                continue
+            if event.seq > position + 1:
+                return None
+            position = event.seq
+            if self.visible(event):
+                out.append(event)
+        self.buffer = []
+        self.position = position
+        return out
+
     async def take_live(self) -> tuple[list[WireEvent], list[dict[str, Any]]]:
         """What is pending now: (visible events in order, ephemeral payloads); may be empty."""
         if self.overflowed:

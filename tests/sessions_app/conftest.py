@@ -20,12 +20,19 @@ class Closed(Exception):
 class WsClient:
     """Speaks the Baton protocol; keeps every event it was sent, in arrival order."""
 
-    def __init__(self, session_id: str, token: str | None = None, query: str = "", **kw: Any):
+    def __init__(
+        self,
+        session_id: str,
+        token: str | None = None,
+        query: str = "",
+        app: Any = None,
+        **kw: Any,
+    ):
         path = f"/ws/sessions/{session_id}/"
         params = [p for p in [f"token={token}" if token else "", query] if p]
         if params:
             path += "?" + "&".join(params)
-        self.communicator = WebsocketCommunicator(application, path, **kw)
+        self.communicator = WebsocketCommunicator(app or application, path, **kw)
         self.events: list[dict[str, Any]] = []
         self.frames: list[dict[str, Any]] = []
         self.closed_code: int | None = None

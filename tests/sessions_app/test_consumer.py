@@ -10,6 +10,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.db import connection
 
+from project.asgi import application
 from sessions_app import hub as hub_module
 from sessions_app.hub import WireEvent
 from sessions_app.identity import Author
@@ -464,3 +465,74 @@ async def test_frames_before_auth_failure_do_not_leak(session):
         while True:
             frame = await client.frame()
             assert frame["op"] == "error"
+
+
+def _app_whose_send(before_events: Any) -> Any:
+    """The application behind a server whose send runs `before_events(message)` first for
+    every `events` frame: waiting (back-pressure) or failing."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def server_send(message: dict[str, Any]) -> None:
+            if message["type"] == "websocket.send" and '"op":"events"' in message["text"]:
+                await before_events(message)
+            await send(message)
+
+        await application(scope, receive, server_send)
+
+    return app
+
+
+async def test_a_server_send_that_waits_still_delivers_every_event_once_in_order(
+    session, agent_key
+):
+    """Live frames are sent inside the fan-out when the server's send completes at once; one
+    that has to wait is finished by a sender task, and nothing overtakes it."""
+    waits = []
+
+    async def wait_first(message: dict[str, Any]) -> None:
+        waits.append(message)
+        await asyncio.sleep(0.01)
+
+    waiting = await WsClient(session.id, agent_key, app=_app_whose_send(wait_first)).connect()
+    await waiting.attach()
+    prompt = await WsClient(session.id, agent_key).connect()
+    await prompt.attach()
+    for start in range(0, 30, 3):
+        steps = [("progress.step", {"i": i}) for i in range(start, start + 3)]
+        await append(session.id, AGENT, *steps)
+    for client in (waiting, prompt):
+        while sum(e["type"] == "progress.step" for e in client.events) < 30:
+            await client.frame()
+    steps = [e["data"]["i"] for e in waiting.events if e["type"] == "progress.step"]
+    assert steps == list(range(30))
+    assert waiting.seqs() == sorted(set(waiting.seqs()))
+    assert [e["seq"] for e in prompt.events if e["type"] == "progress.step"] == [
+        e["seq"] for e in waiting.events if e["type"] == "progress.step"
+    ]
+    assert len(waits) > 1  # live frames went through the waiting send
+    await waiting.close()
+    await prompt.close()
+
+
+async def test_a_server_send_that_fails_at_once_leaves_the_other_subscribers_alone(
+    session, agent_key, caplog
+):
+    async def fail(message: dict[str, Any]) -> None:
+        raise OSError("the client went away")
+
+    failing = await WsClient(session.id, agent_key, app=_app_whose_send(fail)).connect()
+    await failing.attach()
+    healthy = await WsClient(session.id, agent_key).connect()
+    await healthy.attach()
+    await progress(session.id, 3)
+    event = await healthy.until_event("progress.step")
+    assert event["data"] == {"i": 0}
+    await progress(session.id, 2)
+    steps = [e for e in healthy.events if e["type"] == "progress.step"]
+    while len(steps) < 5:
+        await healthy.frame()
+        steps = [e for e in healthy.events if e["type"] == "progress.step"]
+    assert [e["data"]["i"] for e in steps] == [0, 1, 2, 0, 1]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    await healthy.close()
+    await failing.communicator.disconnect()
