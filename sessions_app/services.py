@@ -403,11 +403,14 @@ def open_sqlite_side_connection() -> sqlite3.Connection | None:
     return conn
 
 
-def checkpoint_sqlite_wal() -> None:
+def checkpoint_sqlite_wal() -> bool:
     """Copy the write-ahead log back into the database file without blocking anyone (what
-    SQLite's auto-checkpoint does, taken off the connection that commits on the event loop)."""
+    SQLite's auto-checkpoint does, taken off the connection that commits on the event loop).
+    True if every frame was copied: the next write transaction then rewinds the log."""
     with connection.cursor() as cursor:
         cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        busy, frames, copied = cursor.fetchone()
+    return not busy and frames == copied
 
 
 class FastLaneMiss(Exception):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from channels.db import database_sync_to_async
@@ -144,6 +146,45 @@ async def test_the_lane_leaves_checkpoints_to_the_database_thread(make_session, 
     assert lane.checkpoint_task is not None
     await lane.checkpoint_task
     assert lane.stats["checkpoints"] > checkpoints
+
+
+def _wal_frames() -> int:
+    """Frames in the WAL now, read off the wal-index header (mxFrame, a native-endian u32 at
+    offset 16: https://sqlite.org/walformat.html) without touching the database: asking
+    SQLite would take a read lock or run a checkpoint, and change what is measured."""
+    header = Path(f"{connection.settings_dict['NAME']}-shm").read_bytes()[:20]
+    return int.from_bytes(header[16:20], sys.byteorder)
+
+
+@sqlite_only
+async def test_the_wal_starts_over_while_the_lane_keeps_writing(make_session, monkeypatch):
+    """SQLite rewinds the WAL only at a write that finds it all copied back: checkpoints that
+    race the lane's commits would let it grow for as long as the writes go on."""
+    session_id = await _session_with_message(make_session)
+    writer = get_hub().writer
+    lane = _lane()
+    monkeypatch.setattr(LoopLane, "CHECKPOINT_SECONDS", 3600.0)
+    for i in range(40):
+        await writer.append(session_id=session_id, author=AGENT, events=[_step(i)])
+    grown = _wal_frames()
+    assert grown >= 40
+
+    async def keep_writing() -> None:  # a publish every few ms, as under streaming load
+        for i in range(500):
+            await writer.append(session_id=session_id, author=AGENT, events=[_step(i)])
+            if lane.stats["complete_checkpoints"]:
+                return
+            await asyncio.sleep(0.002)
+
+    writing = asyncio.create_task(keep_writing())
+    await asyncio.sleep(0.02)
+    monkeypatch.setattr(LoopLane, "CHECKPOINT_SECONDS", 0.0)
+    await writing
+    monkeypatch.setattr(LoopLane, "CHECKPOINT_SECONDS", 3600.0)
+    assert lane.stats["complete_checkpoints"] > 0, "no checkpoint copied the whole WAL back"
+    await writer.append(session_id=session_id, author=AGENT, events=[_step(-1)])
+    # Rewound: the WAL holds only the commits since, not the ones before.
+    assert _wal_frames() < grown / 4
 
 
 async def test_the_lane_can_be_switched_off(make_session, settings):
