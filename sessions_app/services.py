@@ -403,14 +403,15 @@ def open_sqlite_side_connection() -> sqlite3.Connection | None:
     return conn
 
 
-def checkpoint_sqlite_wal() -> bool:
+def checkpoint_sqlite_wal() -> tuple[int, int]:
     """Copy the write-ahead log back into the database file without blocking anyone (what
     SQLite's auto-checkpoint does, taken off the connection that commits on the event loop).
-    True if every frame was copied: the next write transaction then rewinds the log."""
+    Returns the frames the WAL holds (its size since it last rewound) and how many of them are
+    copied back: all of them, and the next write rewinds it."""
     with connection.cursor() as cursor:
         cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
         busy, frames, copied = cursor.fetchone()
-    return not busy and frames == copied
+    return max(frames, 0), (max(copied, 0) if not busy else -1)
 
 
 class FastLaneMiss(Exception):
