@@ -17,7 +17,7 @@ from bench.contenders import all_contenders
 from bench.loadgen import Target, percentile, slots
 from bench.procstat import CpuWindow, cpu_seconds, rss_bytes
 from bench.report import idle_per_socket, write_report
-from bench.run import knee_step, run_loadgen
+from bench.run import knee_step, median_run, run_loadgen
 
 
 def test_procstat_reads_this_process() -> None:
@@ -115,6 +115,47 @@ def test_report_renders_tables_and_marks_generator_bound(tmp_path: Path) -> None
     assert "## Summary" in text and "## Fan-out steps" in text
     assert "(G)" in text  # generator used 0.9 cores > 85%
     assert "failed: RuntimeError: boom" in text
+
+
+def test_half_knee_reports_the_run_with_the_median_p99_and_every_run(tmp_path: Path) -> None:
+    runs = [_step(8, 4000, True), _step(8, 4000, True), _step(8, 4000, True)]
+    for run, p99 in zip(runs, [61.0, 22.5, 38.25], strict=True):
+        run["lat_p99_ms"] = p99
+    half = median_run(runs)
+    assert half["lat_p99_ms"] == 38.25
+    assert [r["lat_p99_ms"] for r in half["runs"]] == [61.0, 22.5, 38.25]  # in run order
+    assert median_run(runs[:2])["lat_p99_ms"] == 22.5  # even count: the lower middle
+    steps = [_step(16, 8000, True)]
+    results = {
+        "meta": {
+            "date": "d",
+            "commit": "c",
+            "cores": 2,
+            "cpu": "x",
+            "python": "3",
+            "versions": {},
+            "loop": "asyncio",
+            "plan": {
+                "k": 10,
+                "rate": 50,
+                "steps": [16],
+                "knee_min_ratio": 0.9,
+                "knee_max_p99_ms": 500,
+                "half_window_s": 8.0,
+                "half_runs": 3,
+                "resume_events": 10,
+                "persist_sessions": 1,
+                "persist_window_s": 1,
+            },
+        },
+        "contenders": {"a-uvicorn": {"label": "A", "steps": steps, "knee": steps[0], "half": half}},
+    }
+    out = tmp_path / "report.md"
+    write_report(results, out)
+    text = out.read_text()
+    assert "the median p99 of 3 runs: 61.0, 22.5, 38.2" in text
+    assert "| A: p99 ≤ 50 ms at half the knee | 38.2 ms" in text
+    assert "| 8 (half-knee run 3/3) |" in text
 
 
 @pytest.mark.timeout(120)
