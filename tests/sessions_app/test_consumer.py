@@ -467,13 +467,13 @@ async def test_frames_before_auth_failure_do_not_leak(session):
             assert frame["op"] == "error"
 
 
-def _app_whose_send(before_events: Any) -> Any:
+def _app_whose_send(before_events: Any, op: str = "events") -> Any:
     """The application behind a server whose send runs `before_events(message)` first for
-    every `events` frame: waiting (back-pressure) or failing."""
+    every frame of this `op`: waiting (back-pressure) or failing."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         async def server_send(message: dict[str, Any]) -> None:
-            if message["type"] == "websocket.send" and '"op":"events"' in message["text"]:
+            if message["type"] == "websocket.send" and f'"op":"{op}"' in message["text"]:
                 await before_events(message)
             await send(message)
 
@@ -536,3 +536,58 @@ async def test_a_server_send_that_fails_at_once_leaves_the_other_subscribers_alo
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     await healthy.close()
     await failing.communicator.disconnect()
+
+
+async def test_acks_keep_publish_order_when_the_server_send_waits(session, agent_key):
+    """Acks are sent as commits land, inside the writer's callback when the send completes at
+    once; one that has to wait is finished by a task and nothing overtakes it."""
+    waits = []
+
+    async def wait(message: dict[str, Any]) -> None:
+        waits.append(message)
+        await asyncio.sleep(0.03 if len(waits) == 1 else 0.001)  # a later ack must not pass
+
+    agent = await WsClient(session.id, agent_key, app=_app_whose_send(wait, op="ack")).connect()
+    for i in range(20):  # pipelined: no publish waits for the previous one's ack
+        await agent.send(
+            {"op": "publish", "ref": f"r{i}", "event": {"type": "progress.step", "data": {"i": i}}}
+        )
+    acks = []
+    while len(acks) < 20:
+        frame = await agent.frame()
+        if frame["op"] == "ack":
+            acks.append(frame)
+    assert [a["ref"] for a in acks] == [f"r{i}" for i in range(20)]
+    assert [a["seq"] for a in acks] == list(range(1, 21))
+    assert len(waits) == 20
+    await agent.close()
+
+
+async def test_a_publish_the_database_does_not_take_is_answered_with_an_error(
+    session, agent_key, monkeypatch, settings
+):
+    """A batch whose transaction fails as a whole stores nothing; each of its publishers hears
+    so (with its ref), and the connection carries on."""
+    from django.db import OperationalError
+
+    from sessions_app import writer as writer_module
+
+    settings.BATON_SQLITE_LOOP_WRITES = False  # through `append_many`, on every database
+    real = writer_module.append_many
+
+    def database_down(requests: Any) -> Any:
+        raise OperationalError("the database is gone")
+
+    agent = await WsClient(session.id, agent_key).connect()
+    monkeypatch.setattr(writer_module, "append_many", database_down)
+    failed = await agent.publish("lost", type="progress.step", data={"i": 1})
+    assert failed == {
+        "op": "error",
+        "code": "unavailable",
+        "message": "The database did not take the publish.",
+        "ref": "lost",
+    }
+    monkeypatch.setattr(writer_module, "append_many", real)
+    ok = await agent.publish("kept", type="progress.step", data={"i": 2})
+    assert ok["op"] == "ack" and ok["seq"] == 1
+    await agent.close()
