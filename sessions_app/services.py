@@ -403,14 +403,12 @@ def open_sqlite_side_connection() -> sqlite3.Connection | None:
     return conn
 
 
-def checkpoint_sqlite_wal() -> tuple[int, int]:
+def checkpoint_sqlite_wal(*, conn: sqlite3.Connection) -> tuple[int, int]:
     """Copy the write-ahead log back into the database file without blocking anyone (what
     SQLite's auto-checkpoint does, taken off the connection that commits on the event loop).
     Returns the frames the WAL holds (its size since it last rewound) and how many of them are
-    copied back: all of them, and the next write rewinds it."""
-    with connection.cursor() as cursor:
-        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        busy, frames, copied = cursor.fetchone()
+    copied back (-1 if the copy could not run): all of them, and the next write rewinds it."""
+    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     return max(frames, 0), (max(copied, 0) if not busy else -1)
 
 

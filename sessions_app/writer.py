@@ -30,7 +30,9 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -150,8 +152,10 @@ class LoopLane:
 
     Two rules keep the loop from ever waiting on the disk or a lock: `BEGIN IMMEDIATE` with a
     zero busy timeout, so a write lock held by another connection sends the batch to the thread
-    path instead; and no checkpoint on this connection (`wal_autocheckpoint = 0`): the writer
-    asks the database thread for checkpoints instead, at most every CHECKPOINT_SECONDS.
+    path instead; and no checkpoint on this connection (`wal_autocheckpoint = 0`): checkpoints
+    run at most every CHECKPOINT_SECONDS in a thread of the lane's own, on a second connection
+    (not in Django's database thread, where a 30-100 ms copy would hold up every read queued
+    behind it, and where the lane would queue behind those reads).
     Requests the fast lane does not take are left for `append_many` (after this commit, so each
     session keeps its order); a refusal inside the fast run rolls the whole batch back untouched
     and hands it to `append_many`, whose answer is the precise one.
@@ -162,21 +166,31 @@ class LoopLane:
     at 4,800 tokens/s). So when a checkpoint finds more than REWIND_FRAMES in the WAL, a second
     pass copies what was committed during the first (a few commits) while the lane's next batch
     waits for it (`wait_for_checkpoint`); that batch's commit then rewinds the WAL, whose file
-    is then written over from the start instead of growing. The wait, 7-19 ms once a second at
-    4,800 tokens/s, falls on one batch; doing that pass on this connection instead took 4-9 ms
-    of the loop itself. The file is not trimmed at a rewind (`journal_size_limit`): truncating
-    ~60 MB stalled that commit, on the loop, for 8-12 ms (36-48 ms with checkpoints 4 s apart).
+    is then written over from the start instead of growing. The wait (7-19 ms once a second at
+    4,800 tokens/s, through Django's database thread) falls on one batch and is capped at
+    FENCE_SECONDS (past it the batch commits and the rewind waits for the next checkpoint);
+    doing that pass on this connection instead took 4-9 ms of the loop itself. The file is not
+    trimmed at a rewind (`journal_size_limit`): truncating ~60 MB stalled that commit, on the
+    loop, for 8-12 ms (36-48 ms with checkpoints 4 s apart).
     """
 
     CHECKPOINT_SECONDS = 1.0
     REWIND_FRAMES = 4096  # WAL frames (pages) past which a checkpoint makes sure it rewinds
+    FENCE_SECONDS = 0.05  # the longest a batch waits for a checkpoint's second pass
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: sqlite3.Connection,
+        checkpointer: sqlite3.Connection,
+    ) -> None:
         self.loop = loop
         self.conn = conn
         self.conn.isolation_level = None  # explicit BEGIN/COMMIT below
         self.conn.execute("PRAGMA busy_timeout = 0")
         self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self.checkpointer = checkpointer  # used only in `checkpoint_thread`
+        self.checkpoint_thread = ThreadPoolExecutor(1, thread_name_prefix="baton-checkpoint")
         self.checkpointed_at = loop.time()
         self.checkpoint_task: asyncio.Task[None] | None = None
         self.fence: asyncio.Future[None] | None = None  # set while the lane must wait
@@ -196,10 +210,16 @@ class LoopLane:
             return None
         try:
             conn = await database_sync_to_async(open_sqlite_side_connection)()
+            if conn is None:
+                return None
+            checkpointer = await database_sync_to_async(open_sqlite_side_connection)()
         except Exception:
             log.warning("no loop lane for the writer; batches take the thread", exc_info=True)
             return None
-        return cls(loop, conn) if conn is not None else None
+        if checkpointer is None:  # the database changed under us: no lane, nothing leaks
+            conn.close()
+            return None
+        return cls(loop, conn, checkpointer)
 
     def write(self, requests: Sequence[AppendRequest], publish: Publish) -> FastBatch | None:
         """Commit what the fast lane takes of the batch here and fan it out; None (nothing
@@ -241,10 +261,15 @@ class LoopLane:
     async def wait_for_checkpoint(self) -> None:
         """Hold the next batch while a checkpoint copies the last few commits back."""
         if self.fence is not None:
-            await asyncio.shield(self.fence)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.fence), self.FENCE_SECONDS)
 
     async def _checkpoint(self) -> None:
-        checkpoint = database_sync_to_async(checkpoint_sqlite_wal)
+        def checkpoint() -> Awaitable[tuple[int, int]]:
+            return self.loop.run_in_executor(
+                self.checkpoint_thread, partial(checkpoint_sqlite_wal, conn=self.checkpointer)
+            )
+
         try:
             frames, copied = await checkpoint()  # the bulk, while the lane writes on
             self.stats["checkpoints"] += 1
@@ -264,6 +289,8 @@ class LoopLane:
     async def close(self) -> None:
         if self.checkpoint_task is not None:
             await asyncio.gather(self.checkpoint_task, return_exceptions=True)
+        self.checkpoint_thread.shutdown(wait=True)
+        self.checkpointer.close()
         self.conn.close()
 
 

@@ -14,11 +14,12 @@ from channels.db import database_sync_to_async
 from django.db import connection
 from django.db.backends.signals import connection_created
 
+from sessions_app import writer as writer_module
 from sessions_app.errors import BatonError
 from sessions_app.hub import get_hub
 from sessions_app.identity import Author
 from sessions_app.models import Event, Message
-from sessions_app.services import EventInput
+from sessions_app.services import EventInput, checkpoint_sqlite_wal
 from sessions_app.writer import LoopLane
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("hub_cleanup")]
@@ -133,12 +134,21 @@ async def test_a_held_write_lock_sends_the_batch_to_the_thread_without_blocking_
 
 
 @sqlite_only
-async def test_the_lane_leaves_checkpoints_to_the_database_thread(make_session, monkeypatch):
+async def test_the_lane_leaves_checkpoints_to_a_thread_of_its_own(make_session, monkeypatch):
+    """Not on the loop, and not in Django's database thread, where the copy would hold up
+    every query queued behind it."""
     session_id = await _session_with_message(make_session)
     writer = get_hub().writer
     lane = _lane()
     (autocheckpoint,) = lane.conn.execute("PRAGMA wal_autocheckpoint").fetchone()
     assert autocheckpoint == 0
+    threads = []
+
+    def spy(*, conn: sqlite3.Connection) -> tuple[int, int]:
+        threads.append(threading.current_thread().name)
+        return checkpoint_sqlite_wal(conn=conn)
+
+    monkeypatch.setattr(writer_module, "checkpoint_sqlite_wal", spy)
     monkeypatch.setattr(LoopLane, "CHECKPOINT_SECONDS", 0.0)
     checkpoints = lane.stats["checkpoints"]
     for i in range(3):
@@ -146,6 +156,45 @@ async def test_the_lane_leaves_checkpoints_to_the_database_thread(make_session, 
     assert lane.checkpoint_task is not None
     await lane.checkpoint_task
     assert lane.stats["checkpoints"] > checkpoints
+    assert threads and all(name.startswith("baton-checkpoint") for name in threads)
+
+
+@sqlite_only
+async def test_a_stuck_checkpoint_holds_a_batch_no_longer_than_the_fence_allows(
+    make_session, monkeypatch
+):
+    session_id = await _session_with_message(make_session)
+    writer = get_hub().writer
+    lane = _lane()
+    loop = asyncio.get_running_loop()
+    stuck, release = asyncio.Event(), threading.Event()
+    calls = []
+
+    def second_pass_sticks(*, conn: sqlite3.Connection) -> tuple[int, int]:
+        calls.append(1)
+        if len(calls) == 2:  # the pass the lane waits for
+            loop.call_soon_threadsafe(stuck.set)
+            release.wait(10)
+        return checkpoint_sqlite_wal(conn=conn)
+
+    monkeypatch.setattr(writer_module, "checkpoint_sqlite_wal", second_pass_sticks)
+    monkeypatch.setattr(LoopLane, "REWIND_FRAMES", 0)
+    monkeypatch.setattr(LoopLane, "CHECKPOINT_SECONDS", 0.0)
+    await writer.append(session_id=session_id, author=AGENT, events=[_step(0)])
+    await asyncio.wait_for(stuck.wait(), 5)
+    monkeypatch.setattr(LoopLane, "CHECKPOINT_SECONDS", 3600.0)
+    try:
+        # Far less than the 10 s the pass is stuck for: the batch commits once the fence's
+        # time is up.
+        (result,) = await asyncio.wait_for(
+            writer.append(session_id=session_id, author=AGENT, events=[_step(1)]), 2
+        )
+        assert result.seq == 3
+        assert lane.fence is not None  # still stuck
+    finally:
+        release.set()
+    assert lane.checkpoint_task is not None
+    await lane.checkpoint_task
 
 
 def _wal_frames() -> int:
