@@ -214,9 +214,10 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
 
     def acks_ready(self, _committed: object = None) -> None:
         """Send the acks whose commits have landed, in publish order, right here when the
-        server's send completes at once (the usual case: a task per publish was ~5% of the
-        loop's time under streaming load); a send that waits is finished by a task, which
-        then carries on with the rest."""
+        server's send completes at once (the usual case); a send that waits is finished by a
+        task, which then carries on with the rest, so no ack overtakes another however the
+        server's send queues. A publisher whose acks are not read stops being read itself:
+        its pipeline slots come back only as its acks go out."""
         if self.ack_sender is not None or self.torn_down or not self.pending_acks:
             return
         while self.pending_acks and self.pending_acks[0][2].done():
@@ -240,6 +241,9 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             raise
         except OSError:
             log.debug("client of %s went away before its acks", self.session_id)
+            return
+        except Exception:
+            log.exception("acks to %s failed", self.session_id)
             return
         finally:
             if self.ack_sender is asyncio.current_task():
