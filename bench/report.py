@@ -201,7 +201,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     add("")
     add(
         "Everything runs on the same 2-core machine at once: the servers, Postgres and Redis "
-        "for (b), and the load generator (one process, uvloop). Whatever the generator spends is "
+        "for (b), and the load generator (one process, uvloop; agents use the `websockets` "
+        "client, subscribers are read through its sans-I/O protocol in the socket's data "
+        "callback, where each token's latency is taken). Whatever the generator spends is "
         f"taken from the server (the harness runs at niceness {meta.get('nice', 0)}, its "
         "children inherit it, to keep other programs on the shared machine from distorting the "
         "figures), so a figure whose generator used more than "
