@@ -152,11 +152,21 @@ async def attach(ws: ClientConnection, after: int | None = None) -> tuple[dict[s
         msg = await ws.recv()
         if isinstance(msg, bytes):
             msg = msg.decode()
-        if '"attached"' in msg[:40]:
-            return json.loads(msg), events
-        if msg.startswith('{"op": "error"') or msg.startswith('{"op":"error"'):
-            raise RuntimeError(f"attach refused: {msg[:200]}")
+        attached = attach_reply(msg)
+        if attached is not None:
+            return attached, events
         events += len(SEQ_RE.findall(msg))
+
+
+def attach_reply(msg: str | bytes) -> dict[str, Any] | None:
+    """The `attached` frame if `msg` is it, None for any other frame; raises if the attach
+    was refused."""
+    text = msg.decode() if isinstance(msg, bytes) else msg
+    if '"attached"' in text[:40]:
+        return dict(json.loads(text))
+    if text.startswith(('{"op": "error"', '{"op":"error"')):
+        raise RuntimeError(f"attach refused: {text[:200]}")
+    return None
 
 
 class Subscriber(asyncio.Protocol):
@@ -233,10 +243,13 @@ class Subscriber(asyncio.Protocol):
                 for h in hits:
                     lat.append(now - int(h, 16))
         elif not self.attached.done():
-            if b'"attached"' in msg[:40]:
-                self.attached.set_result(json.loads(msg))
-            elif msg.startswith((b'{"op": "error"', b'{"op":"error"')):
-                self.attached.set_exception(RuntimeError(f"attach refused: {msg[:200]!r}"))
+            try:
+                attached = attach_reply(msg)
+            except RuntimeError as exc:
+                self.attached.set_exception(exc)
+            else:
+                if attached is not None:
+                    self.attached.set_result(attached)
 
     async def attach(self) -> dict[str, Any]:
         self.ws.send_text(json.dumps({"op": "attach"}).encode())

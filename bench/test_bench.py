@@ -82,8 +82,8 @@ def _step(s: int, delivered: float, held: bool) -> dict[str, Any]:
     }
 
 
-def test_report_renders_tables_and_marks_generator_bound(tmp_path: Path) -> None:
-    steps = [_step(1, 500, True), _step(2, 700, False)]
+def _render(tmp_path: Path, contenders: dict[str, Any], **plan: Any) -> str:
+    """The report of a made-up run with these contenders and plan fields."""
     results = {
         "meta": {
             "date": "d",
@@ -96,66 +96,34 @@ def test_report_renders_tables_and_marks_generator_bound(tmp_path: Path) -> None
             "plan": {
                 "k": 10,
                 "rate": 50,
-                "steps": [1, 2],
                 "knee_min_ratio": 0.9,
                 "knee_max_p99_ms": 500,
                 "resume_events": 10,
                 "persist_sessions": 1,
                 "persist_window_s": 1,
+                **plan,
             },
         },
-        "contenders": {
+        "contenders": contenders,
+    }
+    out = tmp_path / "report.md"
+    write_report(results, out)
+    return out.read_text()
+
+
+def test_report_renders_tables_and_marks_generator_bound(tmp_path: Path) -> None:
+    steps = [_step(1, 500, True), _step(2, 700, False)]
+    text = _render(
+        tmp_path,
+        {
             "d": {"label": "D", "steps": steps, "knee": steps[0], "half": steps[0]},
             "c": {"label": "C", "error": "RuntimeError: boom"},
         },
-    }
-    out = tmp_path / "report.md"
-    write_report(results, out)
-    text = out.read_text()
+        steps=[1, 2],
+    )
     assert "## Summary" in text and "## Fan-out steps" in text
     assert "(G)" in text  # generator used 0.9 cores > 85%
     assert "failed: RuntimeError: boom" in text
-
-
-def test_half_knee_reports_the_run_with_the_median_p99_and_every_run(tmp_path: Path) -> None:
-    runs = [_step(8, 4000, True), _step(8, 4000, True), _step(8, 4000, True)]
-    for run, p99 in zip(runs, [61.0, 22.5, 38.25], strict=True):
-        run["lat_p99_ms"] = p99
-    half = median_run(runs)
-    assert half["lat_p99_ms"] == 38.25
-    assert [r["lat_p99_ms"] for r in half["runs"]] == [61.0, 22.5, 38.25]  # in run order
-    assert median_run(runs[:2])["lat_p99_ms"] == 22.5  # even count: the lower middle
-    steps = [_step(16, 8000, True)]
-    results = {
-        "meta": {
-            "date": "d",
-            "commit": "c",
-            "cores": 2,
-            "cpu": "x",
-            "python": "3",
-            "versions": {},
-            "loop": "asyncio",
-            "plan": {
-                "k": 10,
-                "rate": 50,
-                "steps": [16],
-                "knee_min_ratio": 0.9,
-                "knee_max_p99_ms": 500,
-                "half_window_s": 8.0,
-                "half_runs": 3,
-                "resume_events": 10,
-                "persist_sessions": 1,
-                "persist_window_s": 1,
-            },
-        },
-        "contenders": {"a-uvicorn": {"label": "A", "steps": steps, "knee": steps[0], "half": half}},
-    }
-    out = tmp_path / "report.md"
-    write_report(results, out)
-    text = out.read_text()
-    assert "the median p99 of 3 runs: 61.0, 22.5, 38.2" in text
-    assert "| A: p99 ≤ 50 ms at half the knee | 38.2 ms" in text
-    assert "| 8 (half-knee run 3/3) |" in text
 
 
 @pytest.mark.timeout(120)
@@ -180,3 +148,24 @@ def test_generator_drives_raw_server(tmp_path: Path) -> None:
     assert step["samples"] > 0
     assert step["errors"] == {}
     assert step["server_cpu_s"]["server"]
+
+
+def test_half_knee_reports_the_run_with_the_median_p99_and_every_run(tmp_path: Path) -> None:
+    runs = [_step(8, 4000, True), _step(8, 4000, True), _step(8, 4000, True)]
+    for run, p99 in zip(runs, [61.0, 22.5, 38.25], strict=True):
+        run["lat_p99_ms"] = p99
+    half = median_run(runs)
+    assert half["lat_p99_ms"] == 38.25
+    assert [r["lat_p99_ms"] for r in half["runs"]] == [61.0, 22.5, 38.25]  # in run order
+    assert median_run(runs[:2])["lat_p99_ms"] == 22.5  # even count: the lower middle
+    steps = [_step(16, 8000, True)]
+    text = _render(
+        tmp_path,
+        {"a-uvicorn": {"label": "A", "steps": steps, "knee": steps[0], "half": half}},
+        steps=[16],
+        half_window_s=8.0,
+        half_runs=3,
+    )
+    assert "the median p99 of 3 runs: 61.0, 22.5, 38.2" in text
+    assert "| A: p99 ≤ 50 ms at half the knee | 38.2 ms" in text
+    assert "| 8 (half-knee run 3/3) |" in text
