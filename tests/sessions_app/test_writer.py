@@ -191,6 +191,15 @@ def _sizer(meter: _Meter) -> BatchSizer:
     return BatchSizer(interval=0.5, clock=lambda: meter.now, cpu=lambda: meter.spent)
 
 
+def _saturated_sizer(meter: _Meter, *, intervals: int) -> BatchSizer:
+    """A sizer that has seen a saturated process for this many intervals."""
+    sizer = _sizer(meter)
+    for _ in range(intervals):
+        meter.run(0.5, busy=1.0)
+        sizer.current(base=24, ceiling=384)
+    return sizer
+
+
 @pytest.mark.usefixtures("hub_cleanup")
 async def test_a_busy_process_holds_bigger_batches(make_session, linger):
     linger.BATON_GROUP_COMMIT_BATCH_MAX = 6
@@ -229,10 +238,7 @@ def test_under_steady_load_the_size_comes_back_down_from_a_busy_spike():
     """Between the thresholds the sizer tries half the size after `probe_after` calm intervals,
     so one spike cannot hold every later batch to the whole window."""
     meter = _Meter()
-    sizer = _sizer(meter)
-    for _ in range(2):
-        meter.run(0.5, busy=1.0)
-        sizer.current(base=24, ceiling=384)
+    sizer = _saturated_sizer(meter, intervals=2)
     assert sizer.current(base=24, ceiling=384) == 96
     sizes = []
     for _ in range(10):
@@ -259,10 +265,7 @@ def test_a_size_that_proves_too_small_is_tried_again_only_later():
 
 def test_after_a_quiet_spell_the_size_is_back_at_the_base():
     meter = _Meter()
-    sizer = _sizer(meter)
-    for _ in range(4):
-        meter.run(0.5, busy=1.0)
-        sizer.current(base=24, ceiling=384)
+    sizer = _saturated_sizer(meter, intervals=4)
     assert sizer.current(base=24, ceiling=384) == 384
     meter.run(1.0, busy=0.3)  # two intervals: two halvings
     assert sizer.current(base=24, ceiling=384) == 96
