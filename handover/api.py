@@ -1,7 +1,6 @@
 """REST endpoints of the handover: request, claim, release, close, export. Thin: authorize, call
 one service or selector, serialize. Errors are the project's `{"error": {"code", "message"}}`."""
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +19,7 @@ from sessions_app.api import authorize, principal_of
 from sessions_app.errors import forbidden
 from sessions_app.identity import Principal
 from sessions_app.selectors import get_session
-from sessions_app.wire import session_to_wire
+from sessions_app.wire import session_to_wire, wire_json
 
 
 class HandoverRequestSerializer(serializers.Serializer):
@@ -124,6 +123,4 @@ async def _ndjson(session_id: str, *, include_private: bool) -> AsyncIterator[by
         page = await sync_to_async(next, thread_sensitive=True)(pages, sentinel)
         if page is sentinel:
             return
-        yield "".join(
-            json.dumps(e, separators=(",", ":"), ensure_ascii=False) + "\n" for e in page
-        ).encode()
+        yield "".join(wire_json(e) + "\n" for e in page).encode()

@@ -7,7 +7,7 @@ import logging
 import time
 import types
 from collections import deque
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Awaitable, Coroutine, Generator, Iterator
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -31,6 +31,7 @@ from sessions_app.services import (
     record_delivery_position,
 )
 from sessions_app.streams import SlowConsumer, Subscription, events_frame
+from sessions_app.wire import wire_json
 
 log = logging.getLogger(__name__)
 
@@ -220,23 +221,17 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         its pipeline slots come back only as its acks go out."""
         if self.ack_sender is not None or self.torn_down or not self.pending_acks:
             return
-        while self.pending_acks and self.pending_acks[0][2].done():
-            frame = self.ack_frame(*self.pending_acks.popleft())
-            if frame is None:
-                continue
+        for frame in self.ready_acks():
             started = self.send_now(frame)
             if started is not None:
                 self.ack_sender = asyncio.get_running_loop().create_task(self.send_acks(started))
                 return
 
     async def send_acks(self, started: Awaitable[None]) -> None:
-        assert self.pending_acks is not None
         try:
             await started
-            while self.pending_acks and self.pending_acks[0][2].done():
-                frame = self.ack_frame(*self.pending_acks.popleft())
-                if frame is not None:
-                    await self.send_text(frame)
+            for frame in self.ready_acks():
+                await self.send_text(frame)
         except asyncio.CancelledError:
             raise
         except OSError:
@@ -249,6 +244,15 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             if self.ack_sender is asyncio.current_task():
                 self.ack_sender = None
         self.acks_ready()  # commits that landed while this task held the acks
+
+    def ready_acks(self) -> Iterator[str]:
+        """The frames of the acks whose commits have landed, in publish order, each taken off
+        the queue as it is asked for."""
+        pending = self.pending_acks
+        while pending and pending[0][2].done():
+            frame = self.ack_frame(*pending.popleft())
+            if frame is not None:
+                yield frame
 
     def ack_frame(
         self, ref: Any, batch: bool, future: asyncio.Future[list[AppendResult]]
@@ -275,7 +279,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             }
         else:
             content = {"op": "ack", "ref": ref, **results[0].as_dict()}
-        return json.dumps(content, separators=(",", ":"), ensure_ascii=False)
+        return wire_json(content)
 
     async def op_received(self, content: dict[str, Any]) -> None:
         seq = content.get("seq")
@@ -384,7 +388,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         await self.base_send({"type": "websocket.send", "text": text})
 
     async def send_json(self, content: Any, close: bool = False) -> None:
-        await self.send_text(json.dumps(content, separators=(",", ":"), ensure_ascii=False))
+        await self.send_text(wire_json(content))
         if close:
             await self.close()
 
@@ -467,7 +471,7 @@ def error_frame(code: str, message: str, ref: Any = None) -> str:
     frame: dict[str, Any] = {"op": "error", "code": code, "message": message}
     if ref is not None:
         frame["ref"] = ref
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+    return wire_json(frame)
 
 
 @types.coroutine

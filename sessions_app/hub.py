@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 import time
 from functools import partial
@@ -29,6 +28,7 @@ from django.conf import settings
 from django.db import transaction
 
 from sessions_app.ids import new_worker_id
+from sessions_app.wire import wire_json
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class WireEvent(NamedTuple):
             seq=event["seq"],
             type=event["type"],
             visibility=event["visibility"],
-            json=json.dumps(event, separators=(",", ":"), ensure_ascii=False),
+            json=wire_json(event),
         )
 
 

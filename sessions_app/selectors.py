@@ -1,6 +1,5 @@
 """Reads. Everything that looks at sessions, the event log, messages and presence."""
 
-import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,7 +20,7 @@ from sessions_app.models import (
     Session,
     Worker,
 )
-from sessions_app.wire import EVENT_WIRE_FIELDS, event_wire, format_ts
+from sessions_app.wire import EVENT_WIRE_FIELDS, event_wire, format_ts, wire_json
 
 MAX_TYPE_PATTERNS = 20
 
@@ -241,7 +240,7 @@ def list_event_json(
             r["seq"],
             r["type"],
             r["visibility"],
-            json.dumps(r, separators=(",", ":"), ensure_ascii=False),
+            wire_json(r),
         )
         for r in rows
     ]

@@ -47,7 +47,7 @@ from sessions_app.models import (
     Worker,
 )
 from sessions_app.selectors import get_session, list_presence
-from sessions_app.wire import event_to_wire, event_wire
+from sessions_app.wire import event_to_wire, event_wire, wire_json
 
 MAX_CLIENT_REF = 100
 MAX_MESSAGE_ID = 64
@@ -105,7 +105,7 @@ def parse_event_input(
         data = {}
     if not isinstance(data, dict):
         raise invalid("Event 'data' must be a JSON object.")
-    size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
+    size = len(wire_json(data).encode())
     if size > settings.BATON_MAX_EVENT_BYTES:
         raise too_large(
             f"Event data is {size} bytes; the limit is {settings.BATON_MAX_EVENT_BYTES}."

@@ -1,5 +1,6 @@
 """The JSON shapes Baton puts on the wire, built in one place for REST, WebSocket and SSE."""
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,11 @@ def format_ts(value: datetime) -> str:
     text = value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
     _last_ts = (value, text)
     return text
+
+
+def wire_json(value: Any) -> str:
+    """JSON as Baton puts it on the wire and stores it: compact, non-ASCII kept as is."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 # The Event fields an event's wire form is made of, in the order `event_wire` takes them.
